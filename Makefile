@@ -1,0 +1,39 @@
+# `make run` and `make test` are the two commands a fresh machine needs; both create .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+EXP ?= smoke
+
+.PHONY: setup run test test-fast bench clean-results
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch/torchvision pinned as a pair: on the project's machines they install from local
+	# files and run on the CPU (a newer torchvision beside torch 2.13 fails to import).
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[slurm]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The embedded default experiment, end to end. --rerun-incomplete (in the profile) means a
+# killed run is recovered by running `make run` again, with no manual clean-up.
+run: setup
+	$(BIN)/snakemake --profile workflow/profiles/local --cores $(CORES) --config experiments=[$(EXP)]
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_tokenizer.py
+	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_sampling.py --depth-sweep
+	$(BIN)/python benchmarks/bench_metrics.py
+
+clean-results:
+	rm -rf results/$(EXP) reports/$(EXP)/report.html reports/$(EXP)/report.pdf
