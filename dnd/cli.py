@@ -40,7 +40,7 @@ def cmd_prepare_data(args, cfg):
     from dnd.data import prepare_data
     from dnd.tracking import job_tracker
     with job_tracker(cfg, "prepare_data", params=cfg["data"]) as t:
-        summary = prepare_data(cfg["data"], args.out, seed=cfg["seed"])
+        summary = prepare_data(cfg["data"], args.out, seed=cfg["seed"], tracker=t)
         t.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
 
@@ -113,16 +113,14 @@ def cmd_evaluate(args, cfg):
         with job_tracker(cfg, "evaluate", variant, params=cfg["evaluate"],
                          extra_tags={"generator": args.samples.parent.name, "sampler": args.samples.name}) as t:
             ev.evaluate_samples(args.samples, args.ref, args.data, args.out, tracker=t, **kw)
-            t.log_artifact(args.out)
     elif args.what == "tokenizer":
         with job_tracker(cfg, "evaluate", args.tokenizer, params=cfg["evaluate"],
                          extra_tags={"tokenizer": args.tokenizer}) as t:
             ev.evaluate_tokenizer(args.recon, args.data, args.ref, args.out, tracker=t, **kw)
-            t.log_artifact(args.out)
     else:
         with job_tracker(cfg, "evaluate", "reference", params=cfg["evaluate"]) as t:
-            ev.evaluate_reference(args.data, args.train_data, args.out, tracker=t, **kw)
-            t.log_artifact(args.out)
+            ev.evaluate_reference(args.data, args.train_data, args.out, tracker=t, val_ref=args.ref,
+                                  train_ref=args.train_ref, **kw)
 
 
 def cmd_report(args, cfg):
@@ -201,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=Path, help="samples folder (samples)")
     p.add_argument("--recon", type=Path, help="reconstruction folder (tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer variant (tokenizer)")
-    p.add_argument("--ref", type=Path, help="reference features .npz (samples, tokenizer)")
+    p.add_argument("--ref", type=Path, help="features .npz of the real split that --data names")
+    p.add_argument("--train-ref", type=Path, help="training split features .npz (reference; optional)")
     p.add_argument("--data", required=True, type=Path, help="real split folder (train for samples, val otherwise)")
     p.add_argument("--train-data", type=Path, help="training split folder (reference)")
     p.add_argument("--out", required=True, type=Path, help="metrics .json")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from dnd import generators
 from dnd.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_text
+from dnd.codes import load_codes
 from dnd.config import code_depth, config_hash
 from dnd.progress import Progress
 from dnd.runtime import stage_seed
@@ -146,7 +146,7 @@ class CodeBatches:
     """
 
     def __init__(self, codes_dir: Path, *, depth: int, batch_size: int, seed: int):
-        self.codes, self.labels, self.manifest = _open_codes(codes_dir)
+        self.codes, self.labels, self.manifest = load_codes(codes_dir)
         n, self.views, h, w, tok_depth = self.codes.shape
         if depth > tok_depth:
             raise ValueError(f"{codes_dir}/codes.npy: has {tok_depth} code depths, the generator needs {depth}")
@@ -172,23 +172,6 @@ class CodeBatches:
         codes[order] = self.codes[samples[order], views[order], :, :, :self.depth]
         b, h, w, d = codes.shape
         return codes.reshape(b, h * w, d), self.labels[samples].astype(np.int64)
-
-
-def _open_codes(codes_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    codes_dir = Path(codes_dir)
-    for name in ("codes.npy", "labels.npy", "manifest.json"):
-        if not (codes_dir / name).is_file():
-            raise FileNotFoundError(f"{codes_dir}: no {name}; run the extract_codes stage first")
-    codes = np.load(codes_dir / "codes.npy", mmap_mode="r")
-    labels = np.load(codes_dir / "labels.npy")
-    manifest = json.loads((codes_dir / "manifest.json").read_text())
-    if codes.ndim != 5:
-        raise ValueError(f"{codes_dir}/codes.npy: expected shape (N, A, h, w, D), got {codes.shape}")
-    if len(labels) != len(codes):
-        raise ValueError(f"{codes_dir}: {len(codes)} code arrays but {len(labels)} labels")
-    if "codebook_size" not in manifest:
-        raise KeyError(f"{codes_dir}/manifest.json: missing key 'codebook_size'")
-    return codes, labels, manifest
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -266,9 +249,9 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     resume_path = out_path.parent / "resume.pt"
     losses_path = out_path.parent / "losses.csv"
     header = ["step", "loss", *[f"loss_d{d}" for d in range(depth)], "lr"]
-    # A resume.pt from a different config, tokenizer depth or class count is not ours to continue.
+    # A resume.pt from another config, class count or codes folder (e.g. a retrained tokenizer) is not ours.
     resume_key = config_hash({"gen": gen, "seed": cfg["seed"], "model_args": model.model_args,
-                              "codes": [data.num_samples, data.views, codebook_size]})
+                              "codes": data.manifest})
     start, rows = 0, []
     if resume_path.is_file():
         ckpt = load_checkpoint(resume_path, map_location=device)

@@ -1,0 +1,117 @@
+"""Training speed of the three generators at an equal backbone: the real `TrainStep` on random codes.
+
+Prints the hardware, then one row per generator kind: ms per optimizer step, images/s,
+codes/s (B x positions x depth per second), the FLOPs of one step (counted with
+torch's FlopCounterMode on the eager forward + backward), achieved TFLOP/s, peak
+memory, and on a GPU with known peaks the roofline floor of the step and how far
+above it the measurement is. Floor = max(FLOPs / peak, bytes / bandwidth), bytes =
+40 B per parameter (AdamW and EMA read and write fp32 weights, grads, two moments).
+
+    python benchmarks/bench_training.py                       # tiny, CPU-sized default (~1 min)
+    python benchmarks/bench_training.py --size XXL --batch 32 --depth 2 --kind dnd --compile   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import (KIND_LABELS, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
+                    hardware_rows, hardware_table, markdown_table, peak_memory_mib, reset_peak_memory, save_rows,
+                    sync)
+from dnd.generators.train import TrainStep
+from dnd.runtime import resolve_device
+
+OPTIMIZER_BYTES_PER_PARAM = 40
+
+
+def step_flops(model, codes, cond, device) -> float:
+    """FLOPs of one forward + backward (eager, autocast as in training)."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            _, loss = model(codes, cond)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench_kind(kind: str, args, device: torch.device, peaks) -> dict:
+    torch.manual_seed(0)
+    model = build_generator(kind, args.size, depth=args.depth, grid=args.grid, codebook_size=args.codebook_size,
+                            num_classes=args.classes, device=device)
+    for stack in model.modules():
+        if hasattr(stack, "activation_checkpointing"):
+            stack.activation_checkpointing = args.activation_checkpointing
+    L = args.grid * args.grid
+    codes = torch.randint(0, args.codebook_size, (args.batch, L, args.depth), device=device)  # (B, L, D)
+    cond = torch.randint(0, args.classes, (args.batch,), device=device) if args.classes else None
+    flops = step_flops(model, codes, cond, device)
+    step = TrainStep(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, grad_clip=1.0, ema_decay=0.999,
+                     compile=args.compile, device=device)
+    for _ in range(args.warmup):  # compile, allocator and autotuning warm-up
+        step([(codes, cond)], 3e-4)
+    sync(device)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        losses = step([(codes, cond)], 3e-4)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / args.steps
+    if not torch.isfinite(losses).all():
+        raise RuntimeError(f"{kind}: non-finite loss in the benchmark")
+    params = count_params(model)
+    floor = floor_seconds(OPTIMIZER_BYTES_PER_PARAM * params, flops, peaks)
+    row = {"kind": KIND_LABELS[kind], "size": args.size,
+           "depth": args.depth, "batch": args.batch, "params (M)": params / 1e6, "ms/step": 1000 * seconds,
+           "images/s": args.batch / seconds, "codes/s": args.batch * L * args.depth / seconds,
+           "GFLOP/step": flops / 1e9, "TFLOP/s": flops / seconds / 1e12, "peak MiB": peak_memory_mib(device)}
+    if floor is not None:
+        row["floor ms"] = 1000 * floor
+        row["x floor"] = seconds / floor
+        row["% of peak FLOP/s"] = 100 * flops / seconds / peaks[1]
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--kind", nargs="+", default=["dnd", "ar1d", "rqt"], choices=["dnd", "ar1d", "rqt"],
+                   help="generator kinds (ar1d = the flattened 1-D AR, one code per step)")
+    p.add_argument("--size", default="tiny", help="size preset: tiny, small, B, L, XL, XXL, XXXL")
+    p.add_argument("--batch", type=int, default=8, help="code sequences per optimizer step")
+    p.add_argument("--depth", type=int, default=2, help="code depth D")
+    p.add_argument("--grid", type=int, default=16, help="code grid side (positions = grid^2)")
+    p.add_argument("--codebook-size", type=int, default=4096)
+    p.add_argument("--classes", type=int, default=1000, help="class labels (0 = unconditional)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0 = torch's choice); 1 by default because small models are "
+                        "overhead-bound and spinning threads on a shared CPU slow them down many times")
+    p.add_argument("--out", default=None, help="also save the rows (.json or .csv)")
+    add_peak_arguments(p)
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    peaks = device_peaks(device, args.bandwidth_gbs, args.peak_tflops)
+    print(hardware_table(device), end="\n\n")
+    rows = [bench_kind(kind, args, device, peaks) for kind in args.kind]
+    print(markdown_table(rows))
+    if device.type != "cuda":
+        print("\n(peak MiB on the CPU: the process's peak RSS so far, so it never decreases down the table)")
+    if peaks is None:
+        print("\n(no floor: peak FLOP/s and bandwidth are only known for listed GPUs; "
+              "pass --peak-tflops and --bandwidth-gbs to set them)")
+    if args.out:
+        save_rows(rows, args.out, hardware_rows(device))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The `sample` stage: generate codes with a trained generator (EMA weights), decode them to images.
+
+Labels cycle through 0..num_classes-1 for a class-conditional model (so every class
+gets the same number of samples, give or take one); an unconditional model gets
+label -1. One `torch.Generator` seeded from the sampler's `seed` drives every batch,
+so the same checkpoint, settings and device give the same codes. Generation and
+tokenizer decoding are timed separately (with a device sync around each), because
+the generator's speed is what the paper's efficiency claim is about.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dnd import generators
+from dnd.checkpoint import save_json, save_npy
+from dnd.images import make_grid, save_png, to_uint8
+from dnd.progress import Progress
+from dnd.tracking import NullTracker
+
+GRID_IMAGES = 64
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sampler_from_config(sampler_cfg: dict) -> "generators.Sampler":
+    return generators.Sampler(temperature=sampler_cfg["temperature"], top_k=sampler_cfg["top_k"],
+                              top_p=sampler_cfg["top_p"], cfg_scale=sampler_cfg["cfg_scale"])
+
+
+def sample_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """int64 (N,): 0, 1, ..., C-1, 0, 1, ... for a class-conditional model, -1 (no label) otherwise."""
+    if num_classes > 0:
+        return np.arange(num_samples, dtype=np.int64) % num_classes
+    return np.full(num_samples, -1, np.int64)
+
+
+def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Path, *, device,
+           tracker=None) -> dict:
+    """Write codes.npy (int16 (N, L, D)), labels.npy, images.npy (uint8 (N, H, W, 3)), grid.png, timing.json.
+
+    Returns the timing dict: seconds (whole stage), generate_seconds, decode_seconds,
+    images_per_s and ms_per_step (generation only; a step is one forward pass of the
+    model over the batch: grid^2 per image, grid^2 * D for the flattened 1-D AR),
+    num_samples, batch_size, device.
+    """
+    from dnd.tokenizer import load as load_tokenizer
+
+    tracker = tracker or NullTracker()
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    model = generators.load(gen_path, device=device)
+    tokenizer = load_tokenizer(tokenizer_path, map_location=device)
+    args = model.model_args
+    grid, depth, num_classes = args["grid"], args["depth"], args["num_classes"]
+    n, batch_size = sampler_cfg["num_samples"], sampler_cfg["batch_size"]
+    labels = sample_labels(n, num_classes)
+    sampler = sampler_from_config(sampler_cfg)
+    rng = torch.Generator(device=device).manual_seed(sampler_cfg["seed"])
+
+    all_codes, all_images = [], []
+    generate_s = decode_s = 0.0
+    batches = range(0, n, batch_size)
+    progress = Progress(batches, total=len(batches), desc="sample", log_every=1)
+    for start in progress:
+        b = min(batch_size, n - start)
+        cond = torch.from_numpy(labels[start:start + b]).to(device) if num_classes > 0 else None
+        _sync(device)
+        t0 = time.perf_counter()
+        codes = model.generate(cond, batch_size=b, sampler=sampler, generator=rng)  # (b, L, D); bf16 on CUDA
+        _sync(device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():  # the tokenizer decodes in fp32
+            x = tokenizer.decode_codes(codes.reshape(b, grid, grid, depth))  # (b, 3, H, W) in [-1, 1]
+            images = to_uint8(x)
+        t2 = time.perf_counter()
+        generate_s, decode_s = generate_s + (t1 - t0), decode_s + (t2 - t1)
+        all_codes.append(codes.cpu().numpy().astype(np.int16))
+        all_images.append(images)
+        progress.set(images_per_s=(start + b) / generate_s)
+
+    codes_np, images_np = np.concatenate(all_codes), np.concatenate(all_images)
+    save_npy(codes_np, out_dir / "codes.npy")
+    save_npy(labels, out_dir / "labels.npy")
+    save_npy(images_np, out_dir / "images.npy")
+    save_png(make_grid(images_np[:GRID_IMAGES]), out_dir / "grid.png")
+    timing = {
+        "seconds": time.perf_counter() - t_start,
+        "generate_seconds": generate_s,
+        "decode_seconds": decode_s,
+        "images_per_s": n / generate_s,
+        "ms_per_step": 1000.0 * generate_s / (len(batches) * model.num_steps),
+        "num_samples": n,
+        "batch_size": batch_size,
+        "device": str(device),
+    }
+    save_json(timing, out_dir / "timing.json")
+    tracker.log_metrics({k: v for k, v in timing.items() if isinstance(v, (int, float))})
+    tracker.log_artifact(out_dir / "grid.png")
+    return timing

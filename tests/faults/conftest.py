@@ -1,0 +1,111 @@
+"""Shared set-up of the fault suite: a tiny experiment, its prepared data, and stage runners.
+
+Every test here drives the real CLI in a subprocess (the way Snakemake does) and injects a
+real fault: SIGKILL, a NaN, a dead tracking server, a full disk, bad input.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "seed": 3,
+    "device": "cpu",
+    "data": {"source": "text", "image_size": 32, "num_train": 96, "num_val": 16,
+             "text": {"font_size": 12, "margin": 2, "max_words": 6}},
+    "tokenizers": {"d2": {"quantizer": {"depth": 2, "codebook_size": 64}, "embed_dim": 8, "ch": 8,
+                          "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 8,
+                          "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "ckpt_every": 10,
+                                    "log_every": 10}}},
+    "extract": {"batch_size": 8, "shard_size": 16},
+    "generators": {"g": {"kind": "dnd", "tokenizer": "d2", "size": "tiny",
+                         "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "ckpt_every": 10,
+                                   "log_every": 10}}},
+    "samplers": {"s": {"temperature": 1.0, "num_samples": 24, "batch_size": 4, "seed": 1}},
+}
+
+
+def env(tmp: Path, **extra) -> dict:
+    e = dict(os.environ)
+    e.update({"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+              "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    e.update(extra)
+    return e
+
+
+def write_config(tmp: Path, name: str = "tiny", **changes) -> Path:
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    for dotted, value in changes.items():
+        node = cfg
+        *keys, last = dotted.split("__")
+        for k in keys:
+            node = node[k]
+        node[last] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stage(args: list[str], tmp: Path, *, check: bool = True, **env_extra) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "dnd", *map(str, args)], cwd=tmp, env=env(tmp, **env_extra),
+                       capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"dnd {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300) -> None:
+    """Start a stage, SIGKILL its whole process group as soon as `ready()` is true."""
+    p = subprocess.Popen([sys.executable, "-m", "dnd", *map(str, args)], cwd=tmp, env=env(tmp),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if p.poll() is not None:
+                raise AssertionError(f"stage ended before the fault could be injected:\n{p.stderr.read()[-2000:]}")
+            if time.time() > deadline:
+                raise AssertionError("timed out waiting to inject the fault")
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+    assert p.returncode == -signal.SIGKILL, f"the stage was not killed (exit {p.returncode})"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(config path, data folder) prepared once for the whole fault suite."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = write_config(tmp)
+    stage(["prepare_data", "--config", cfg, "--out", tmp / "data"], tmp)
+    return cfg, tmp / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_data, tmp_path_factory) -> Path:
+    cfg, data = tiny_data
+    tmp = cfg.parent
+    out = tmp / "tokenizer" / "d2" / "model.pt"
+    stage(["train_tokenizer", "--config", cfg, "--tokenizer", "d2", "--data", data / "train", "--out", out], tmp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_codes(tiny_data, tiny_tokenizer) -> Path:
+    cfg, data = tiny_data
+    tmp = cfg.parent
+    out = tmp / "codes" / "d2" / "train"
+    stage(["extract_codes", "--config", cfg, "--tokenizer", "d2", "--model", tiny_tokenizer,
+           "--data", data / "train", "--out", out], tmp)
+    return out
