@@ -96,6 +96,13 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
     missing = required - ckpt.keys()
     if missing:
         raise ValueError(f"checkpoint for {path} lacks keys {sorted(missing)}")
+    # Never replace a good checkpoint with diverged weights: a finite loss can precede an
+    # update that makes the weights inf/NaN.
+    bad = [k for k, v in ckpt["model"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite model weights at step {ckpt['step']} ({bad[0]}, {len(bad)} tensors); "
+                                 f"not writing {path}, the previous checkpoint, if any, is kept")
     try:
         with atomic_path(path) as tmp:
             torch.save(ckpt, tmp)

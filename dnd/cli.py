@@ -99,9 +99,7 @@ def cmd_sample(args, cfg):
     sampler = _variant(cfg, "samplers", args.sampler)
     with job_tracker(cfg, "sample", f"{args.generator}/{args.sampler}", params=sampler,
                      extra_tags={"generator": args.generator, "sampler": args.sampler, "kind": gen["kind"]}) as t:
-        timing = sample(args.model, args.tokenizer_model, sampler, args.out, device=_device(cfg), tracker=t)
-        t.log_metrics(_numbers(timing))
-        t.log_artifact(args.out / "grid.png")
+        sample(args.model, args.tokenizer_model, sampler, args.out, device=_device(cfg), tracker=t)
 
 
 def cmd_evaluate(args, cfg):

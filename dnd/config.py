@@ -94,7 +94,9 @@ def load(path: str | Path) -> dict:
 
 
 def downsample_factor(tok: dict) -> int:
-    return 2 ** (len(tok["ch_mult"]) - 1)
+    """Image pixels per code along each side of tokenizer config `tok`: every ch_mult level but
+    the last halves the resolution, and a stride-2 stem halves it once more."""
+    return 2 ** (len(tok["ch_mult"]) - 1) * tok.get("stem_stride", 1)
 
 
 def code_depth(cfg: dict, gen: dict) -> int:
@@ -120,7 +122,8 @@ def check_semantics(cfg: dict, *, source: str = "<config>") -> None:
         f = downsample_factor(tok)
         if data["image_size"] % f:
             fail(f"tokenizers.{name}.ch_mult",
-                 f"image_size {data['image_size']} is not divisible by the downsampling factor {f}")
+                 f"image_size {data['image_size']} is not divisible by the downsampling factor {f} "
+                 f"(ch_mult {tok['ch_mult']}, stem_stride {tok.get('stem_stride', 1)})")
         loss = tok["loss"]
         if loss["lpips_weight"] > 0 and not loss["lpips_path"]:
             fail(f"tokenizers.{name}.loss.lpips_path",

@@ -61,11 +61,12 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
-def shard(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a global batch of indices (the global batch order is rank-independent)."""
+def shard(batch):
+    """This rank's contiguous slice of a global batch (array or tensor, first axis)."""
     n = world_size()
     if n == 1:
-        return indices
-    if len(indices) % n:
-        raise ValueError(f"global batch size {len(indices)} is not divisible by the {n} processes")
-    return indices[rank()::n]
+        return batch
+    if len(batch) % n:
+        raise ValueError(f"global batch size {len(batch)} is not divisible by the {n} processes")
+    per = len(batch) // n
+    return batch[rank() * per:(rank() + 1) * per]

@@ -48,7 +48,8 @@ class Tracker:
                  tags: dict | None = None, enabled: bool = True):
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags = params or {}, tags or {}
-        self.enabled = enabled and os.environ.get("DND_TRACKING", "1") != "0"
+        # Under torchrun only rank 0 records; the other processes train silently.
+        self.enabled = enabled and os.environ.get("DND_TRACKING", "1") != "0" and os.environ.get("RANK", "0") == "0"
         self.client = None
         self.run_id = None
         self.dropped = 0

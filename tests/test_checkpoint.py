@@ -73,3 +73,13 @@ def test_missing_keys_rejected(tmp_path):
 def test_save_json_numpy(tmp_path):
     ck.save_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": [0, 1]}
+
+
+def test_diverged_weights_never_replace_a_good_checkpoint(tmp_path):
+    p = tmp_path / "resume.pt"
+    ck.save_checkpoint(_ckpt(1), p)
+    bad = _ckpt(2)
+    bad["model"]["w"][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite model weights at step 2"):
+        ck.save_checkpoint(bad, p)
+    assert ck.load_checkpoint(p)["step"] == 1

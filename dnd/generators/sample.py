@@ -2,13 +2,17 @@
 
 Labels cycle through 0..num_classes-1 for a class-conditional model (so every class
 gets the same number of samples, give or take one); an unconditional model gets
-label -1. One `torch.Generator` seeded from the sampler's `seed` drives every batch,
-so the same checkpoint, settings and device give the same codes. Generation and
+label -1. Batch i draws from its own `torch.Generator` seeded from (sampler `seed`, i),
+so the same checkpoint, settings and device give the same codes, and a killed job
+resumes from its last finished batch (kept under `out_dir/batches/`, removed at the
+end) with the same result as an uninterrupted run. Generation and
 tokenizer decoding are timed separately (with a device sync around each), because
 the generator's speed is what the paper's efficiency claim is about.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -16,9 +20,11 @@ import numpy as np
 import torch
 
 from dnd import generators
-from dnd.checkpoint import save_json, save_npy
+from dnd.checkpoint import atomic_path, save_json, save_npy
+from dnd.data.shards import file_sha256
 from dnd.images import make_grid, save_png, to_uint8
 from dnd.progress import Progress
+from dnd.runtime import stage_seed
 from dnd.tracking import NullTracker
 
 GRID_IMAGES = 64
@@ -63,28 +69,50 @@ def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Pat
     n, batch_size = sampler_cfg["num_samples"], sampler_cfg["batch_size"]
     labels = sample_labels(n, num_classes)
     sampler = sampler_from_config(sampler_cfg)
-    rng = torch.Generator(device=device).manual_seed(sampler_cfg["seed"])
+
+    # Finished batches from a killed run are reused only if made by this model and these settings.
+    batch_dir = out_dir / "batches"
+    identity = {"generator_sha256": file_sha256(gen_path), "tokenizer_sha256": file_sha256(tokenizer_path),
+                "sampler": sampler_cfg, "device": device.type}
+    meta = batch_dir / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()) != identity:
+        print(f"sample: {batch_dir} was made by another model or settings; starting over")
+        shutil.rmtree(batch_dir)
+    save_json(identity, meta)
 
     all_codes, all_images = [], []
     generate_s = decode_s = 0.0
     batches = range(0, n, batch_size)
+    resumed = sum((batch_dir / f"{i:06d}.npz").is_file() for i in range(len(batches)))
+    if resumed:
+        print(f"sample: resuming, {resumed} of {len(batches)} batches already done in {batch_dir}")
     progress = Progress(batches, total=len(batches), desc="sample", log_every=1)
-    for start in progress:
+    for i, start in enumerate(progress):
         b = min(batch_size, n - start)
-        cond = torch.from_numpy(labels[start:start + b]).to(device) if num_classes > 0 else None
-        _sync(device)
-        t0 = time.perf_counter()
-        codes = model.generate(cond, batch_size=b, sampler=sampler, generator=rng)  # (b, L, D); bf16 on CUDA
-        _sync(device)
-        t1 = time.perf_counter()
-        with torch.inference_mode():  # the tokenizer decodes in fp32
-            x = tokenizer.decode_codes(codes.reshape(b, grid, grid, depth))  # (b, 3, H, W) in [-1, 1]
-            images = to_uint8(x)
-        t2 = time.perf_counter()
-        generate_s, decode_s = generate_s + (t1 - t0), decode_s + (t2 - t1)
-        all_codes.append(codes.cpu().numpy().astype(np.int16))
-        all_images.append(images)
-        progress.set(images_per_s=(start + b) / generate_s)
+        path = batch_dir / f"{i:06d}.npz"
+        if not path.is_file():
+            rng = torch.Generator(device=device).manual_seed(stage_seed(sampler_cfg["seed"], "batch", str(i)))
+            cond = torch.from_numpy(labels[start:start + b]).to(device) if num_classes > 0 else None
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                codes = model.generate(cond, batch_size=b, sampler=sampler, generator=rng,
+                                       compile=sampler_cfg.get("compile", False))  # (b, L, D)
+            _sync(device)
+            t1 = time.perf_counter()
+            with torch.inference_mode():  # the tokenizer decodes in fp32
+                x = tokenizer.decode_codes(codes.reshape(b, grid, grid, depth))  # (b, 3, H, W) in [-1, 1]
+                images = to_uint8(x)
+            t2 = time.perf_counter()
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, codes=codes.cpu().numpy().astype(np.int16), images=images,
+                             seconds=np.array([t1 - t0, t2 - t1]))
+        batch = np.load(path)
+        generate_s, decode_s = generate_s + float(batch["seconds"][0]), decode_s + float(batch["seconds"][1])
+        all_codes.append(batch["codes"])
+        all_images.append(batch["images"])
+        progress.set(images_per_s=(start + b) / max(generate_s, 1e-9))
 
     codes_np, images_np = np.concatenate(all_codes), np.concatenate(all_images)
     save_npy(codes_np, out_dir / "codes.npy")
@@ -100,8 +128,10 @@ def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Pat
         "num_samples": n,
         "batch_size": batch_size,
         "device": str(device),
+        "resumed_batches": resumed,
     }
-    save_json(timing, out_dir / "timing.json")
+    save_json(timing, out_dir / "timing.json")  # written last: its presence means the folder is complete
+    shutil.rmtree(batch_dir)
     tracker.log_metrics({k: v for k, v in timing.items() if isinstance(v, (int, float))})
     tracker.log_artifact(out_dir / "grid.png")
     return timing

@@ -12,6 +12,13 @@ random depends on how far a process got: the batch order and the augmented view 
 every sample come from (seed, sample position), and the global RNG (dropout, label
 dropout) is reseeded from (seed, step) before every step.
 
+Multi-GPU: launched by `torchrun --nproc_per_node N -m dnd train_generator ...`, every
+process takes its slice of the same global batch (`batch_size` is global) and
+DistributedDataParallel averages the gradients, so N processes follow the same
+trajectory as one (up to float reduction order); only rank 0 writes checkpoints,
+`losses.csv` and MLflow. Checkpoints hold the unwrapped model, so a run resumes with
+any number of processes.
+
 Per-step losses are buffered on the device and read back every `log_every` steps
 and before every checkpoint, so a step never waits for the GPU just to log; a
 non-finite loss is still reported with the exact step, and no checkpoint is written
@@ -19,6 +26,7 @@ after it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -28,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnd import generators
+from dnd import distributed, generators
 from dnd.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_text
 from dnd.codes import load_codes
 from dnd.config import code_depth, config_hash
@@ -105,7 +113,11 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, *, lr: float, betas, weight_decay: float, grad_clip: float,
                  ema_decay: float, compile: bool, device: torch.device):
         self.model, self.device, self.grad_clip = model, device, grad_clip
-        self.forward = torch.compile(model) if compile else model
+        wrapped = model
+        if distributed.world_size() > 1:  # gradients averaged over processes during backward
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(wrapped) if compile else wrapped
         self.optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas),
                                            fused=device.type == "cuda")
         self.ema = EMA(model, ema_decay)
@@ -116,10 +128,12 @@ class TrainStep:
             group["lr"] = lr
         self.model.train()
         losses = None
-        for codes, cond in micro_batches:  # codes (B, L, D), cond (B,) | None
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        for i, (codes, cond) in enumerate(micro_batches):  # codes (B, L, D), cond (B,) | None
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync()
+            with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 _, loss = self.forward(codes, cond)
-            (loss / len(micro_batches)).backward()
+                (loss / len(micro_batches)).backward()
             step_losses = torch.cat([loss.detach().float().reshape(1), depth_losses(self.model)])  # (1 + D,)
             losses = step_losses if losses is None else losses + step_losses
         if self.grad_clip > 0:
@@ -226,7 +240,8 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     written) and `losses.csv` (step, loss, loss_d0..loss_d{D-1}, lr).
     """
     tracker = tracker or NullTracker()
-    device = torch.device(device)
+    device = distributed.init(torch.device(device))
+    main = distributed.is_main()
     codes_dir, out_path = Path(codes_dir), Path(out_path)
     gen = cfg["generators"][gen_name]
     tc = gen["train"]
@@ -243,6 +258,9 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     torch.manual_seed(seed)  # initial weights
     model = build_from_config(gen, depth=depth, codebook_size=codebook_size, grid=data.grid[0],
                               num_classes=num_classes, codebook=codebook).to(device)
+    for module in model.modules():  # recompute activations in backward (XXL and larger)
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = tc["activation_checkpointing"]
     trainer = TrainStep(model, lr=tc["lr"], betas=tc["betas"], weight_decay=tc["weight_decay"],
                         grad_clip=tc["grad_clip"], ema_decay=tc["ema_decay"], compile=tc["compile"], device=device)
 
@@ -277,7 +295,7 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     def flush() -> None:
         if not pending:
             return
-        values = torch.stack([p[2] for p in pending]).cpu().numpy()  # (n, 1 + D)
+        values = distributed.all_reduce_mean(torch.stack([p[2] for p in pending])).cpu().numpy()  # (n, 1 + D)
         for (step, lr, _), v in zip(pending, values):
             if not np.isfinite(v).all():
                 last = (f"the last good checkpoint {resume_path} (step {saved_step}) is untouched"
@@ -297,7 +315,8 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
         torch.manual_seed(stage_seed(seed, "step", str(step)))  # dropout and label dropout of this step
         micro = []
         for m in range(tc["grad_accum"]):
-            codes, labels = data.batch(step * tc["grad_accum"] + m)
+            codes, labels = data.batch(step * tc["grad_accum"] + m)  # the global micro-batch
+            codes, labels = distributed.shard(codes), distributed.shard(labels)  # this process's rows
             codes_t = torch.from_numpy(codes).to(device, non_blocking=True)  # (B, L, D)
             cond = torch.from_numpy(labels).to(device, non_blocking=True) if num_classes > 0 else None
             micro.append((codes_t, cond))
@@ -309,10 +328,13 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
             flush()
         if done % tc["ckpt_every"] == 0 and done < tc["steps"]:
             flush()
-            save_text(_csv_text(header, rows), losses_path)
-            save_checkpoint(checkpoint(done), resume_path)
+            if main:
+                save_text(_csv_text(header, rows), losses_path)
+                save_checkpoint(checkpoint(done), resume_path)
             saved_step = done
     flush()
-    save_text(_csv_text(header, rows), losses_path)
-    save_checkpoint(checkpoint(tc["steps"]), out_path)
-    resume_path.unlink(missing_ok=True)
+    if main:
+        save_text(_csv_text(header, rows), losses_path)
+        save_checkpoint(checkpoint(tc["steps"]), out_path)
+        resume_path.unlink(missing_ok=True)
+    distributed.barrier()

@@ -8,8 +8,13 @@ and nearest x2 upsampling, with no output activation. 1x1 `quant_conv` / `post_q
 map between `z_channels` and the code dimension `embed_dim`. Latents are quantized
 channels-last, (B, h, w, embed_dim).
 
+`stem_stride` 2 makes the stem cheap: the encoder's conv_in is a 4x4 stride-2 conv and the
+decoder's conv_out a 4x4 stride-2 transposed conv, so no block runs at full resolution and
+the downsampling factor is 2 ** (len(ch_mult) - 1) * stem_stride.
+
 Cost note: every full-resolution block runs on H x W pixels, so on a CPU keep `ch` (the
-width of the first level) small and put the wide levels at low resolution.
+width of the first level) small and put the wide levels at low resolution, or use
+`stem_stride` 2.
 """
 from __future__ import annotations
 
@@ -86,13 +91,21 @@ def _stage(c_in: int, c_out: int, blocks: int, attn: bool) -> tuple[nn.ModuleLis
     return layers, c_in
 
 
+def downsample_factor(ch_mult: list[int], stem_stride: int = 1) -> int:
+    """Image pixels per code along each side."""
+    return 2 ** (len(ch_mult) - 1) * stem_stride
+
+
 class Encoder(nn.Module):
     def __init__(self, *, image_size: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], z_channels: int, in_channels: int = 3):
+                 attn_resolutions: list[int], z_channels: int, stem_stride: int = 1, in_channels: int = 3):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        if stem_stride == 1:
+            self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        else:  # 4x4 stride 2, padding 1: H -> H/2, each pixel seen by the same number of taps
+            self.conv_in = nn.Conv2d(in_channels, ch, 4, stride=2, padding=1)
         self.levels = nn.ModuleList()
-        c, res = ch, image_size
+        c, res = ch, image_size // stem_stride
         for i, mult in enumerate(ch_mult):
             blocks, c = _stage(c, ch * mult, num_res_blocks, res in attn_resolutions)
             level = nn.Module()
@@ -115,10 +128,10 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, *, image_size: int, ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], z_channels: int, out_channels: int = 3):
+                 attn_resolutions: list[int], z_channels: int, stem_stride: int = 1, out_channels: int = 3):
         super().__init__()
         c = ch * ch_mult[-1]
-        res = image_size // 2 ** (len(ch_mult) - 1)
+        res = image_size // downsample_factor(ch_mult, stem_stride)
         self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c))
         self.levels = nn.ModuleList()
@@ -129,7 +142,11 @@ class Decoder(nn.Module):
             level.up = Upsample(c) if i > 0 else nn.Identity()
             self.levels.append(level)
             res = res * 2 if i > 0 else res
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, out_channels, 3, padding=1)
+        self.norm_out = group_norm(c)
+        if stem_stride == 1:
+            self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+        else:  # 4x4 stride-2 transposed conv: H/2 -> H straight to pixels
+            self.conv_out = nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # (B, C, h, w)
@@ -150,19 +167,24 @@ class RQVAE(nn.Module):
     def __init__(self, *, image_size: int, ch: int = 32, ch_mult: list[int] = (1, 2, 2),
                  num_res_blocks: int = 1, attn_resolutions: list[int] = (), z_channels: int = 32,
                  embed_dim: int = 32, depth: int = 4, codebook_size: int = 512, shared_codebook: bool = True,
-                 ema_decay: float = 0.99, restart_unused: bool = True, commitment: float = 0.25):
+                 ema_decay: float = 0.99, restart_unused: bool = True, commitment: float = 0.25,
+                 stem_stride: int = 1):
         super().__init__()
-        factor = 2 ** (len(ch_mult) - 1)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"RQVAE: stem_stride must be 1 or 2, got {stem_stride!r}")
+        factor = downsample_factor(ch_mult, stem_stride)
         if image_size % factor:
             raise ValueError(f"RQVAE: image_size {image_size} is not divisible by the downsampling factor "
-                             f"{factor} of ch_mult {list(ch_mult)}")
+                             f"{factor} of ch_mult {list(ch_mult)} and stem_stride {stem_stride}")
+        # Checkpoints written before stem_stride existed have no such key and load as stem_stride 1.
         self.model_args = dict(image_size=image_size, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                                attn_resolutions=list(attn_resolutions), z_channels=z_channels, embed_dim=embed_dim,
                                depth=depth, codebook_size=codebook_size, shared_codebook=shared_codebook,
-                               ema_decay=ema_decay, restart_unused=restart_unused, commitment=commitment)
+                               ema_decay=ema_decay, restart_unused=restart_unused, commitment=commitment,
+                               stem_stride=stem_stride)
         self.image_size, self.grid, self.depth = image_size, image_size // factor, depth
         net = dict(image_size=image_size, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
-                   attn_resolutions=list(attn_resolutions), z_channels=z_channels)
+                   attn_resolutions=list(attn_resolutions), z_channels=z_channels, stem_stride=stem_stride)
         self.encoder, self.decoder = Encoder(**net), Decoder(**net)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
@@ -177,7 +199,8 @@ class RQVAE(nn.Module):
         return cls(image_size=image_size, ch=tok["ch"], ch_mult=tok["ch_mult"], num_res_blocks=tok["num_res_blocks"],
                    attn_resolutions=tok["attn_resolutions"], z_channels=tok["z_channels"], embed_dim=tok["embed_dim"],
                    depth=q["depth"], codebook_size=q["codebook_size"], shared_codebook=q["shared_codebook"],
-                   ema_decay=q["ema_decay"], restart_unused=q["restart_unused"], commitment=q["commitment"])
+                   ema_decay=q["ema_decay"], restart_unused=q["restart_unused"], commitment=q["commitment"],
+                   stem_stride=tok.get("stem_stride", 1))
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [-1, 1] -> continuous latent, channels-last (B, h, w, embed_dim)."""

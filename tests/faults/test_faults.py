@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dnd.checkpoint import load_checkpoint
-from tests.faults.conftest import ROOT, env, stage, write_config
+from tests.stages import ROOT, env, stage, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_nan_loss_stops_keeps_checkpoint_and_fails_run(tiny_data, tiny_codes, tm
     r = stage(["train_generator", "--config", cfg, "--generator", "g", "--codes", tiny_codes,
                "--data", data / "train", "--out", out], tmp_path, check=False)
     assert r.returncode != 0
-    assert "non-finite loss" in r.stderr and "at step" in r.stderr
+    assert "non-finite" in r.stderr and "at step" in r.stderr
     assert not out.exists()
     resume = out.parent / "resume.pt"
     if resume.exists():  # the last good checkpoint is loadable and finite

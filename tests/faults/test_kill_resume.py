@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dnd.checkpoint import load_checkpoint
-from tests.faults.conftest import kill_when, stage
+from tests.stages import kill_when, stage
 
 pytestmark = pytest.mark.slow
 

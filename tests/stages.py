@@ -1,7 +1,6 @@
-"""Shared set-up of the fault suite: a tiny experiment, its prepared data, and stage runners.
+"""Run CLI stages in subprocesses on a tiny experiment (the way Snakemake runs them).
 
-Every test here drives the real CLI in a subprocess (the way Snakemake does) and injects a
-real fault: SIGKILL, a NaN, a dead tracking server, a full disk, bad input.
+Shared by the fault suite (tests/faults/) and the multi-process training test.
 """
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "seed": 3,
@@ -83,29 +81,3 @@ def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300) -> Non
     assert p.returncode == -signal.SIGKILL, f"the stage was not killed (exit {p.returncode})"
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    """(config path, data folder) prepared once for the whole fault suite."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    cfg = write_config(tmp)
-    stage(["prepare_data", "--config", cfg, "--out", tmp / "data"], tmp)
-    return cfg, tmp / "data"
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_data, tmp_path_factory) -> Path:
-    cfg, data = tiny_data
-    tmp = cfg.parent
-    out = tmp / "tokenizer" / "d2" / "model.pt"
-    stage(["train_tokenizer", "--config", cfg, "--tokenizer", "d2", "--data", data / "train", "--out", out], tmp)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_codes(tiny_data, tiny_tokenizer) -> Path:
-    cfg, data = tiny_data
-    tmp = cfg.parent
-    out = tmp / "codes" / "d2" / "train"
-    stage(["extract_codes", "--config", cfg, "--tokenizer", "d2", "--model", tiny_tokenizer,
-           "--data", data / "train", "--out", out], tmp)
-    return out
