@@ -96,7 +96,7 @@ def load(path: str | Path) -> dict:
 def downsample_factor(tok: dict) -> int:
     """Image pixels per code along each side of tokenizer config `tok`: every ch_mult level but
     the last halves the resolution, and a stride-2 stem halves it once more."""
-    return 2 ** (len(tok["ch_mult"]) - 1) * tok.get("stem_stride", 1)
+    return 2 ** (len(tok["ch_mult"]) - 1) * int(tok.get("stem_stride", 1))
 
 
 def code_depth(cfg: dict, gen: dict) -> int:

@@ -200,7 +200,7 @@ class RQVAE(nn.Module):
                    attn_resolutions=tok["attn_resolutions"], z_channels=tok["z_channels"], embed_dim=tok["embed_dim"],
                    depth=q["depth"], codebook_size=q["codebook_size"], shared_codebook=q["shared_codebook"],
                    ema_decay=q["ema_decay"], restart_unused=q["restart_unused"], commitment=q["commitment"],
-                   stem_stride=tok.get("stem_stride", 1))
+                   stem_stride=int(tok.get("stem_stride", 1)))
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [-1, 1] -> continuous latent, channels-last (B, h, w, embed_dim)."""

@@ -26,7 +26,8 @@ up() {
   chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge; chown munge:munge /run/munge /var/log/munge /var/lib/munge
   if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- /usr/sbin/munged --pid-file="$state/munged.pid"
+    runuser -u munge -- /usr/sbin/munged  # daemonises; the munge user cannot write into $state
+    pgrep -n -x munged >"$state/munged.pid"
     echo "munged" >>"$state/started"
   fi
   local mem
