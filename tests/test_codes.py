@@ -16,13 +16,6 @@ from dnd.tokenizer import RQVAE
 N_IMAGES, SIZE = 13, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread avoids thread start/sync costs that dominate on a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

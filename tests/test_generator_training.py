@@ -20,16 +20,6 @@ from dnd.tokenizer.model import RQVAE
 GRID, DEPTH, VOCAB, CLASSES = 4, 2, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread start-up dominates, and on a shared, oversubscribed CPU two
-    # spinning OpenMP threads run these loops 10-50x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = {"n_layer": 2, "n_head": 2, "dim": 32, "dropout": 0.0, "token_dropout": 0.0, "class_dropout": 0.0}
 
 

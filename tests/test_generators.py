@@ -42,13 +42,6 @@ def random_codes(batch=2, depth=DEPTH, seed=1):
 COND = torch.tensor([1, 4])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine their spin-waits dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- causality

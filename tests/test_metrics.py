@@ -19,14 +19,6 @@ EVAL_CFG = {"fid": {"enabled": True, "inception_weights": None, "batch_size": 16
             "ocr": {"enabled": True, "max_images": 64, "ngram_order": 5}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Inception and easyocr on one thread: on a shared 2-core machine, two torch threads spin
-    against the other jobs' (this file took 4-6x longer with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

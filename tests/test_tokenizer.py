@@ -16,26 +16,20 @@ import torch.multiprocessing as mp
 from PIL import Image, ImageDraw, ImageFont
 
 import dnd.tokenizer.train as train_mod
-from dnd.checkpoint import load_checkpoint
-from dnd.config import validate
+from dnd.checkpoint import load_checkpoint, save_checkpoint
+from dnd.config import ConfigError, downsample_factor, validate
 from dnd.data.shards import SplitWriter
 from dnd.images import to_tensor, to_uint8
 from dnd.metrics import recon
 from dnd.tokenizer import RQVAE, ResidualQuantizer, load
 from dnd.tokenizer.losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss
+from dnd.tokenizer.model import AttnBlock
 from dnd.tokenizer.train import batch_indices, learning_rate, reconstruct, train_tokenizer
 from dnd.tracking import NullTracker
 
 FONT = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: one thread avoids thread start/sync costs that dominate on a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def render_text_images(n: int, size: int, font_size: int = 12, seed: int = 0) -> np.ndarray:
@@ -234,6 +228,58 @@ def test_partial_decode_and_encode_never_updates_codebook():
 def test_model_rejects_image_size_not_divisible():
     with pytest.raises(ValueError, match="not divisible"):
         RQVAE(image_size=30, ch_mult=[1, 2, 2])
+    with pytest.raises(ValueError, match="stem_stride 2"):
+        RQVAE(image_size=36, ch_mult=[1, 2, 2], stem_stride=2)  # f = 8
+    with pytest.raises(ValueError, match="stem_stride"):
+        RQVAE(image_size=32, stem_stride=4)
+
+
+def test_stride_two_stem_skips_full_resolution_and_round_trips():
+    torch.manual_seed(0)
+    model = RQVAE(image_size=16, ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=8,
+                  embed_dim=4, depth=3, codebook_size=16, stem_stride=2)
+    assert model.grid == 4 and model.model_args["stem_stride"] == 2  # f = 2 ** 1 * 2
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert model.encoder.conv_in(x).shape == (4, 8, 8, 8)  # the first feature map is already at half resolution
+    # attn_resolutions count feature-map pixels: 8 px is the first level of the encoder and the last of the decoder
+    assert any(isinstance(m, AttnBlock) for m in model.encoder.levels[0].blocks)
+    assert any(isinstance(m, AttnBlock) for m in model.decoder.levels[-1].blocks)
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        x_rec, codes, _ = model(x)
+    assert x_rec.shape == x.shape and codes.shape == (4, 4, 4, 3)
+    torch.testing.assert_close(model.decode_codes(model.encode(x)), x_rec)
+    assert model.decode_codes(codes[..., :1]).shape == x.shape
+
+
+def test_stem_stride_in_config_and_checkpoint(tmp_path):
+    cfg = tiny_config(stem_stride=2)
+    tok = cfg["tokenizers"]["t"]
+    assert downsample_factor(tok) == 4 and tiny_config()["tokenizers"]["t"]["stem_stride"] == 1
+    assert downsample_factor({"ch_mult": [1, 2, 2]}) == 4  # configs written before stem_stride existed
+    with pytest.raises(ConfigError, match="downsampling factor 8"):
+        tiny_config(image_size=36, ch_mult=[1, 2, 2], stem_stride=2)
+    with pytest.raises(ConfigError, match="stem_stride"):
+        tiny_config(stem_stride=3)
+    data = write_split(tmp_path / "train", render_text_images(6, 32))
+    train_tokenizer(cfg, "t", data, tmp_path / "tok" / "model.pt", device="cpu")
+    model = load(tmp_path / "tok" / "model.pt")
+    assert model.grid == 8 and model.model_args["stem_stride"] == 2
+    ckpt = load_checkpoint(tmp_path / "tok" / "model.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k])
+    x = to_tensor(render_text_images(2, 32, seed=1))
+    with torch.no_grad():
+        assert model.encode(x).shape == (2, 8, 8, 2)
+        assert model.decode_codes(model.encode(x)).shape == (2, 3, 32, 32)
+    # A checkpoint written before stem_stride existed (no such model_args key) loads with the full-resolution stem.
+    old = tiny_model()
+    args = dict(old.model_args)
+    del args["stem_stride"]
+    save_checkpoint({"config": {}, "model_args": args, "model": old.state_dict(), "step": 0}, tmp_path / "old.pt")
+    assert load(tmp_path / "old.pt").model_args["stem_stride"] == 1
 
 
 # ---- losses ------------------------------------------------------------------------------
