@@ -27,7 +27,7 @@ from dnd.progress import Progress
 from dnd.runtime import stage_seed
 from dnd.tracking import NullTracker
 
-GRID_IMAGES = 64
+GRID_IMAGES = 36
 
 
 def _sync(device: torch.device) -> None:

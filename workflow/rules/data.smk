@@ -21,7 +21,7 @@ rule prepare_data:
     resources:
         **DATA_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd prepare_data --config {params.config} --out {params.out}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd prepare_data --config {params.config} --out {params.out}"
         " > {log} 2>&1"
 
 
@@ -45,5 +45,5 @@ rule reference_stats:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd reference_stats --config {params.config}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd reference_stats --config {params.config}"
         " --split-dir {params.split_dir} --out {output} > {log} 2>&1"

@@ -29,7 +29,7 @@ rule evaluate_samples:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd evaluate samples --config {params.config} --samples {params.samples}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd evaluate samples --config {params.config} --samples {params.samples}"
         " --ref {input.ref} --data {params.data} --out {output} > {log} 2>&1"
 
 
@@ -54,7 +54,7 @@ rule evaluate_tokenizer:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd evaluate tokenizer --config {params.config} --tokenizer {wildcards.tok}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd evaluate tokenizer --config {params.config} --tokenizer {wildcards.tok}"
         " --recon {params.recon} --ref {input.ref} --data {params.data} --out {output} > {log} 2>&1"
 
 
@@ -80,5 +80,6 @@ rule evaluate_reference:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd evaluate reference --config {params.config} --data {params.data}"
-        " --train-data {params.train_data} --out {output} > {log} 2>&1"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd evaluate reference --config {params.config} --data {params.data}"
+        " --train-data {params.train_data} --ref {input.val_ref} --train-ref {input.train_ref}"
+        " --out {output} > {log} 2>&1"

@@ -32,7 +32,7 @@ rule train_generator:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
         " --codes {params.codes} --data {params.data} --tokenizer-model {input.tokenizer}"
         " --out {output.model} > {log} 2>&1"
 
@@ -65,6 +65,6 @@ rule sample:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd sample --config {params.config} --generator {wildcards.gen}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd sample --config {params.config} --generator {wildcards.gen}"
         " --sampler {wildcards.sampler} --model {input.model} --tokenizer-model {input.tokenizer}"
         " --out {params.out} > {log} 2>&1"

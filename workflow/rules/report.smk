@@ -41,5 +41,5 @@ rule report:
     resources:
         **REPORT_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd report --config {params.config} --results {params.results}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd report --config {params.config} --results {params.results}"
         " --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule train_tokenizer:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
         " --data {params.data} --out {output.model} > {log} 2>&1"
 
 
@@ -46,7 +46,7 @@ rule reconstruct:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd reconstruct --config {params.config} --tokenizer {wildcards.tok}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd reconstruct --config {params.config} --tokenizer {wildcards.tok}"
         " --model {input.model} --data {params.data} --out {params.out} > {log} 2>&1"
 
 
@@ -72,5 +72,5 @@ rule extract_codes:
     resources:
         **MODEL_JOB,
     shell:
-        "DND_RULE={rule} {PYTHON} -m dnd extract_codes --config {params.config} --tokenizer {wildcards.tok}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd extract_codes --config {params.config} --tokenizer {wildcards.tok}"
         " --model {input.model} --data {params.data} --out {params.out} > {log} 2>&1"
