@@ -4,6 +4,13 @@ Resume contract: the batch of step s is a pure function of (seed, s) (`batch_ind
 and `resume.pt` holds the model with its codebook buffers, both optimizers, the
 discriminator, the RNG state and the log, so a run killed after a checkpoint and
 restarted ends with the same weights as an uninterrupted run on the same device.
+
+Multi-process: under `torchrun`, `batch_size` is global and each process takes its
+slice; the encoder/decoder (and discriminator) gradients are averaged by DDP and the
+codebook EMA statistics are all-reduced inside the quantizer, so the processes hold one
+model. Only rank 0 writes checkpoints, the log and MLflow; the logged loss terms are
+rank 0's slice. Dead-code restarts draw from rank 0's slice, so with restarts on, N
+processes are not bit-equivalent to one.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dnd import distributed
 from dnd.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_json, save_npy, save_text, set_rng_state
 from dnd.config import config_hash
 from dnd.data import load_split
@@ -61,6 +69,7 @@ class TokenizerTrainer:
         self.tok, self.device = tok, torch.device(device)
         self.train_cfg, self.loss_cfg = tok["train"], tok["loss"]
         self.model = RQVAE.from_config(tok, image_size).to(self.device)
+        self.forward = self._wrap(self.model)
         betas = tuple(self.train_cfg["betas"])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.train_cfg["lr"], betas=betas,
                                            weight_decay=self.train_cfg["weight_decay"])
@@ -68,8 +77,15 @@ class TokenizerTrainer:
         self.disc = self.disc_optimizer = None
         if self.loss_cfg["gan_weight"] > 0:
             self.disc = PatchDiscriminator().to(self.device)
+            self.disc_forward = self._wrap(self.disc)
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=self.train_cfg["lr"], betas=betas,
                                                     weight_decay=self.train_cfg["weight_decay"])
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if distributed.world_size() == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def autocast(self):
         # bf16 on CUDA only: CPU autocast is slow and changes the numbers the tests pin.
@@ -86,7 +102,7 @@ class TokenizerTrainer:
         gan = self.disc is not None and step >= self.loss_cfg["disc_start"]
         self.model.train()
         with self.autocast():
-            x_rec, codes, losses = self.model(x)
+            x_rec, codes, losses = self.forward(x)
             x_rec = x_rec.float()
             recon = reconstruction_loss(x_rec, x, self.loss_cfg["recon"])
             lpips = self.lpips(x_rec, x) if self.lpips is not None else recon.new_zeros(())
@@ -94,10 +110,11 @@ class TokenizerTrainer:
             loss = nll + self.model.quantizer.commitment * losses["commitment"]
             g_loss = g_weight = recon.new_zeros(())
             if gan:
-                g_loss = hinge_g_loss(self.disc(x_rec))
+                g_loss = hinge_g_loss(self.disc_forward(x_rec))
                 g_weight = adaptive_weight(nll, g_loss, self.model.decoder.conv_out.weight)
                 loss = loss + g_weight * self.loss_cfg["gan_weight"] * g_loss
-        if not torch.isfinite(loss):
+        # Every process must agree to stop, or the others would wait forever in the next all-reduce.
+        if distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
             raise FloatingPointError(f"non-finite tokenizer loss {loss.item()} (recon {recon.item()}, "
                                      f"commitment {losses['commitment'].item()})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -108,7 +125,8 @@ class TokenizerTrainer:
         if gan:
             self.disc.train()
             with self.autocast():
-                d_loss = self.loss_cfg["gan_weight"] * hinge_d_loss(self.disc(x), self.disc(x_rec.detach()))
+                d_loss = self.loss_cfg["gan_weight"] * hinge_d_loss(self.disc_forward(x),
+                                                                    self.disc_forward(x_rec.detach()))
             self.disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             self._clip(self.disc.parameters())
@@ -155,6 +173,8 @@ def train_tokenizer(cfg: dict, tok_name: str, data_dir: Path, out_path: Path, *,
     out_path = Path(out_path)
     tok = cfg["tokenizers"][tok_name]
     train = tok["train"]
+    device = distributed.init(torch.device(device))
+    main = distributed.is_main()
     images = load_split(data_dir).images  # uint8 (N, H, W, 3), memory-mapped
     seed = stage_seed(cfg["seed"], "tokenizer", tok_name)
     seed_everything(seed)
@@ -181,7 +201,7 @@ def train_tokenizer(cfg: dict, tok_name: str, data_dir: Path, out_path: Path, *,
     bar = Progress(range(step, train["steps"]), total=train["steps"], initial=step, desc=f"tokenizer {tok_name}",
                    log_every=train["log_every"])
     for step in bar:
-        batch = images[np.sort(batch_indices(seed, step, train["batch_size"], len(images)))]
+        batch = images[np.sort(distributed.shard(batch_indices(seed, step, train["batch_size"], len(images))))]
         try:
             terms = trainer.step(batch, step)
         except FloatingPointError as e:
@@ -192,12 +212,14 @@ def train_tokenizer(cfg: dict, tok_name: str, data_dir: Path, out_path: Path, *,
         if done % train["log_every"] == 0 or done == train["steps"]:
             rows.append({"step": done, **terms})
             tracker.log_metrics({f"tokenizer/{k}": v for k, v in terms.items()}, step=done)
-        if done % train["ckpt_every"] == 0 and done < train["steps"]:
+        if done % train["ckpt_every"] == 0 and done < train["steps"] and main:
             save_checkpoint(checkpoint(done), resume_path)
             save_text(_csv(rows), log_path)
-    save_text(_csv(rows), log_path)
-    save_checkpoint(checkpoint(train["steps"]), out_path)  # the stage's output, written last
-    resume_path.unlink(missing_ok=True)
+    if main:
+        save_text(_csv(rows), log_path)
+        save_checkpoint(checkpoint(train["steps"]), out_path)  # the stage's output, written last
+        resume_path.unlink(missing_ok=True)
+    distributed.barrier()
 
 
 @torch.no_grad()
