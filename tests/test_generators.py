@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dnd import generators as G
 from dnd.checkpoint import save_checkpoint
@@ -364,3 +365,21 @@ def test_load_uses_ema_weights_strictly(tmp_path):
     save_checkpoint({"config": {}, "model_args": model.model_args, "model": bad, "ema": bad, "step": 3}, path)
     with pytest.raises(RuntimeError, match="do not match"):
         G.load(path)
+
+
+def test_chunked_bf16_cross_entropy_matches_fp32(monkeypatch):
+    from dnd.generators import backbone
+    monkeypatch.setattr(backbone, "CE_CHUNK_ROWS", 7)  # several chunks, the last one short
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(50, 33)).to(torch.bfloat16)
+    target = torch.randint(0, 33, (50,))
+    a = logits.clone().requires_grad_()
+    b = logits.float().clone().requires_grad_()
+    ce_a = backbone.cross_entropy_rows(a, target)
+    ce_b = F.cross_entropy(b, target, reduction="none")
+    assert ce_a.dtype == torch.float32
+    torch.testing.assert_close(ce_a, ce_b)
+    weights = torch.rand(50)
+    (ce_a * weights).sum().backward()
+    (ce_b * weights).sum().backward()
+    torch.testing.assert_close(a.grad.float(), b.grad, rtol=1e-2, atol=1e-3)

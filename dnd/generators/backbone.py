@@ -49,6 +49,26 @@ INIT_STD = 0.02
 ROPE_BASE = 10000.0
 
 
+CE_CHUNK_ROWS = 4096
+
+
+def _ce_fp32(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of logits (M, V) in fp32, without an fp32 copy of all M x V logits.
+
+    Under bf16 autocast the logits are bf16; casting the whole (M, V) tensor to fp32 (and
+    keeping its softmax for backward) doubles the largest activation of training at
+    V = 16384. Chunks of rows are cast one at a time and recomputed in backward, so only
+    the bf16 logits are kept.
+    """
+    if logits.dtype == torch.float32 or not logits.requires_grad:
+        return _ce_fp32(logits, target)
+    return torch.cat([checkpoint(_ce_fp32, x, t, use_reentrant=False)
+                      for x, t in zip(logits.split(CE_CHUNK_ROWS), target.split(CE_CHUNK_ROWS))])
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -373,7 +393,7 @@ class CodeGenerator(nn.Module):
 
     def loss_terms(self, logits: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, per-depth losses (D,)) of logits (B, L, D, V) against codes (B, L, D)."""
-        ce = F.cross_entropy(logits.float().flatten(0, 2), codes.flatten(), reduction="none")  # (B*L*D,)
+        ce = cross_entropy_rows(logits.flatten(0, 2), codes.flatten())  # (B*L*D,)
         per_depth = ce.view(-1, self.depth).mean(0)  # (D,)
         return per_depth.mean(), per_depth
 
