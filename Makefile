@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The embedded default experiment, end to end. --rerun-incomplete (in the profile) means a
-# killed run is recovered by running `make run` again, with no manual clean-up.
+WORKDIR ?= .
+TARGETS ?=
+SNAKEMAKE = $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(WORKDIR) \
+	--profile $(CURDIR)/workflow/profiles/local --cores $(CORES) --config experiments=[$(EXP)]
+
+# The embedded default experiment, end to end. A killed run is recovered by running
+# `make run` again, with no manual clean-up: a Snakemake killed with SIGKILL leaves its
+# lock behind, which is released here unless a Snakemake is still running in WORKDIR,
+# and --rerun-incomplete (in the profile) redoes the job that was cut short (its stage
+# resumes from its own checkpoint).
 run: setup
-	$(BIN)/snakemake --profile workflow/profiles/local --cores $(CORES) --config experiments=[$(EXP)]
+	@pgrep -f "[s]nakemake .*--directory $(WORKDIR) " >/dev/null || $(SNAKEMAKE) --unlock >/dev/null 2>&1 || true
+	$(SNAKEMAKE) $(TARGETS)
 
 test: setup
 	$(BIN)/python -m pytest -ra
