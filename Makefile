@@ -20,17 +20,18 @@ setup: $(STAMP)
 
 WORKDIR ?= .
 TARGETS ?=
-SNAKEMAKE = $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(WORKDIR) \
+# --config takes every word after it, so targets go first.
+SNAKEMAKE_OPTS = --snakefile $(CURDIR)/Snakefile --directory $(WORKDIR) \
 	--profile $(CURDIR)/workflow/profiles/local --cores $(CORES) --config experiments=[$(EXP)]
 
 # The embedded default experiment, end to end. A killed run is recovered by running
 # `make run` again, with no manual clean-up: a Snakemake killed with SIGKILL leaves its
-# lock behind, which is released here unless a Snakemake is still running in WORKDIR,
-# and --rerun-incomplete (in the profile) redoes the job that was cut short (its stage
+# lock behind, which workflow/unlock_stale.sh releases unless a Snakemake still runs in
+# WORKDIR, and --rerun-incomplete (in the profile) redoes the job that was cut short (its stage
 # resumes from its own checkpoint).
 run: setup
-	@pgrep -f "[s]nakemake .*--directory $(WORKDIR) " >/dev/null || $(SNAKEMAKE) --unlock >/dev/null 2>&1 || true
-	$(SNAKEMAKE) $(TARGETS)
+	@bash workflow/unlock_stale.sh $(WORKDIR) $(BIN)/snakemake $(SNAKEMAKE_OPTS)
+	$(BIN)/snakemake $(TARGETS) $(SNAKEMAKE_OPTS)
 
 test: setup
 	$(BIN)/python -m pytest -ra
