@@ -25,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (KIND_LABELS, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
+from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
                     hardware_rows, hardware_table, markdown_table, peak_memory_mib, reset_peak_memory, save_rows,
                     sync)
 from dnd.generators import Sampler
@@ -124,15 +124,11 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kind", nargs="+", default=["dnd", "ar1d", "rqt"], choices=["dnd", "ar1d", "rqt"],
-                   help="generator kinds (ar1d = the flattened 1-D AR, one code per step)")
-    p.add_argument("--size", default="tiny", help="size preset: tiny, small, B, L, XL, XXL, XXXL")
+    add_generator_arguments(p)
     p.add_argument("--batch", type=int, default=8, help="images per generate call")
     p.add_argument("--depth", type=int, default=2, help="code depth D (ignored with --depth-sweep)")
     p.add_argument("--depth-sweep", action="store_true",
                    help=f"every kind at D = {', '.join(map(str, SWEEP_DEPTHS))} with the same backbone")
-    p.add_argument("--grid", type=int, default=16, help="code grid side (positions = grid^2)")
-    p.add_argument("--codebook-size", type=int, default=4096)
     p.add_argument("--classes", type=int, default=1000, help="class labels (0 = unconditional, no guidance)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance (1 = none)")
     p.add_argument("--paths", nargs="+", default=None, choices=["plain", "fast"],
@@ -143,11 +139,6 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed generate calls first (default: 1 for the fast path or on a GPU, for compilation, "
                         "graph capture and first-call set-up; 0 for the plain path on the CPU)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0 = torch's choice); 1 by default because small models are "
-                        "overhead-bound and spinning threads on a shared CPU slow them down many times")
-    p.add_argument("--out", default=None, help="also save the rows (.json or .csv)")
     p.add_argument("--plot", default=None, help="with --depth-sweep: save images/s against D (.png, .pdf, .svg)")
     add_peak_arguments(p)
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (KIND_LABELS, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
+from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
                     hardware_rows, hardware_table, markdown_table, peak_memory_mib, reset_peak_memory, save_rows,
                     sync)
 from dnd.generators.train import TrainStep
@@ -77,23 +77,14 @@ def bench_kind(kind: str, args, device: torch.device, peaks) -> dict:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kind", nargs="+", default=["dnd", "ar1d", "rqt"], choices=["dnd", "ar1d", "rqt"],
-                   help="generator kinds (ar1d = the flattened 1-D AR, one code per step)")
-    p.add_argument("--size", default="tiny", help="size preset: tiny, small, B, L, XL, XXL, XXXL")
+    add_generator_arguments(p)
     p.add_argument("--batch", type=int, default=8, help="code sequences per optimizer step")
     p.add_argument("--depth", type=int, default=2, help="code depth D")
-    p.add_argument("--grid", type=int, default=16, help="code grid side (positions = grid^2)")
-    p.add_argument("--codebook-size", type=int, default=4096)
     p.add_argument("--classes", type=int, default=1000, help="class labels (0 = unconditional)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0 = torch's choice); 1 by default because small models are "
-                        "overhead-bound and spinning threads on a shared CPU slow them down many times")
-    p.add_argument("--out", default=None, help="also save the rows (.json or .csv)")
     add_peak_arguments(p)
     args = p.parse_args(argv)
     device = resolve_device(args.device)

@@ -100,6 +100,20 @@ def floor_seconds(bytes_moved: float, flops: float, peaks: tuple[float, float] |
     return max(bytes_moved / bandwidth, flops / flop_rate)
 
 
+def add_generator_arguments(parser) -> None:
+    """The model and run arguments bench_training.py and bench_sampling.py share."""
+    parser.add_argument("--kind", nargs="+", default=["dnd", "ar1d", "rqt"], choices=["dnd", "ar1d", "rqt"],
+                        help="generator kinds (ar1d = the flattened 1-D AR, one code per step)")
+    parser.add_argument("--size", default="tiny", help="size preset: tiny, small, B, L, XL, XXL, XXXL")
+    parser.add_argument("--grid", type=int, default=16, help="code grid side (positions = grid^2)")
+    parser.add_argument("--codebook-size", type=int, default=4096)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0 = torch's choice); 1 by default because small models are "
+                             "overhead-bound and spinning threads on a shared CPU slow them down many times")
+    parser.add_argument("--out", default=None, help="also save the rows (.json or .csv)")
+
+
 def add_peak_arguments(parser) -> None:
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="memory bandwidth for the floor, GB/s (default: known GPUs only; no floor on CPU)")
