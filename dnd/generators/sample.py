@@ -129,6 +129,7 @@ def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Pat
         "batch_size": batch_size,
         "device": str(device),
         "resumed_batches": resumed,
+        "num_params": sum(p.numel() for p in model.parameters()),
     }
     save_json(timing, out_dir / "timing.json")  # written last: its presence means the folder is complete
     shutil.rmtree(batch_dir)

@@ -153,7 +153,7 @@ def data_table(reader: _Reader) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-GENERATOR_COLUMNS = ["source", "name", "sampler", "kind", "size", "tokenizer", "depth", "codes", "cfg_scale",
+GENERATOR_COLUMNS = ["source", "name", "sampler", "kind", "size", "params", "tokenizer", "depth", "codes", "cfg_scale",
                      "temperature", "fid", "kid_mean", "inception_score", "precision", "recall", "ppl_ocr",
                      "images_per_s", "ms_per_step", "num_samples", "extractor", "device"]
 TOKENIZER_COLUMNS = ["source", "name", "depth", "codebook_size", "codes", "psnr", "ssim", "l2", "rfid", "rocr",
@@ -183,6 +183,10 @@ def tokenizer_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TOKENIZER_COLUMNS)
 
 
+def _params(n) -> str | None:
+    return None if n is None else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def generator_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
     rows = []
     for name, gen in cfg["generators"].items():
@@ -194,7 +198,8 @@ def generator_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
             timing = reader.json(f"samples/{name}/{sampler_name}/timing.json")
             rows.append({
                 "source": "this run", "name": name, "sampler": sampler_name, "kind": gen["kind"],
-                "size": gen["size"], "tokenizer": gen["tokenizer"], "depth": depth,
+                "size": gen["size"], "params": _params(_first(timing, "num_params")),
+                "tokenizer": gen["tokenizer"], "depth": depth,
                 "codes": f"{grid}x{grid}x{depth}", "cfg_scale": sampler["cfg_scale"],
                 "temperature": str(sampler["temperature"]),
                 "fid": _num(_first(m, "fid")), "kid_mean": _num(_first(m, "kid_mean")),
