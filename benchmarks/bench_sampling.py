@@ -25,9 +25,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params, device_peaks, floor_seconds,
-                    hardware_rows, hardware_table, markdown_table, peak_memory_mib, reset_peak_memory, save_rows,
-                    sync)
+from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params,
+                    device_peaks, floor_seconds, hardware_table, markdown_table, peak_memory_mib, print_rows,
+                    reset_peak_memory, sync)
 from dnd.generators import Sampler
 from dnd.runtime import resolve_device
 
@@ -159,14 +159,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(bench_one(kind, depth, path, args, device, peaks))
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(markdown_table(rows))
-    if device.type != "cuda":
-        print("\n(peak MiB on the CPU: the process's peak RSS so far, so it never decreases down the table)")
-    if peaks is None:
-        print("\n(no floor: peak FLOP/s and bandwidth are only known for listed GPUs; "
-              "pass --peak-tflops and --bandwidth-gbs to set them)")
-    if args.out:
-        save_rows(rows, args.out, hardware_rows(device))
+    print_rows(rows, device, peaks, args.out)
     if args.plot:
         plot_sweep(rows, args.plot)
     return rows

@@ -6,7 +6,6 @@ single full-batch backward), and a run checkpointed by 1 process resumes on 2.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
