@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import hardware_rows, hardware_table, markdown_table, save_rows, sync  # also puts the repo on sys.path
+from common import hardware_table, print_and_save, sync  # also puts the repo on sys.path
 from dnd.data.text import load_corpus, page_texts, render_text_images
 from dnd.metrics.fid import extract_features
 from dnd.metrics.ocr import ocr_scores
@@ -79,9 +79,7 @@ def main() -> None:
     rows += ocr_rows(args.sizes, args.ocr_images, args.font_size, device)
     print(hardware_table(device))
     print()
-    print(markdown_table(rows))
-    if args.out:
-        save_rows(rows, args.out, hardware_rows(device))
+    print_and_save(rows, device, args.out)
 
 
 if __name__ == "__main__":

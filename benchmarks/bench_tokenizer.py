@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import hardware_rows, hardware_table, markdown_table, peak_memory_mib, reset_peak_memory, save_rows, sync
+from common import hardware_table, peak_memory_mib, print_and_save, reset_peak_memory, sync
 from dnd.checkpoint import save_checkpoint
 from dnd.codes import extract_codes
 from dnd.config import load
@@ -107,9 +107,7 @@ def main() -> None:
         rows.append(row)
         print(f"done: {path.stem}", flush=True)
     print()
-    print(markdown_table(rows))
-    if args.out:
-        save_rows(rows, args.out, hardware_rows(device))
+    print_and_save(rows, device, args.out)
 
 
 if __name__ == "__main__":

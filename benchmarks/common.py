@@ -163,13 +163,18 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def print_and_save(rows: list[dict], device: torch.device, out: str | Path | None) -> None:
+    """Print a benchmark's final table; also save it with the hardware rows when `out` is given."""
+    print(markdown_table(rows))
+    if out:
+        save_rows(rows, Path(out), hardware_rows(device))
+
+
 def print_rows(rows: list[dict], device: torch.device, peaks, out: str | None) -> None:
     """The final table of a generator benchmark, its footnotes, and the optional saved copy."""
-    print(markdown_table(rows))
+    print_and_save(rows, device, out)
     if device.type != "cuda":
         print("\n(peak MiB on the CPU: the process's peak RSS so far, so it never decreases down the table)")
     if peaks is None:
         print("\n(no floor: peak FLOP/s and bandwidth are only known for listed GPUs; "
               "pass --peak-tflops and --bandwidth-gbs to set them)")
-    if out:
-        save_rows(rows, Path(out), hardware_rows(device))

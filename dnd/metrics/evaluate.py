@@ -97,6 +97,16 @@ def _ppl_entries(lm: CharNgramLM, texts: list[str], name: str) -> dict:
             f"{name}_empty_fraction": sum(not t.strip() for t in texts) / len(texts), "ppl_lm": lm.describe()}
 
 
+def _fid_against(images: np.ndarray, source: Path, ref_path: Path, ref_name: str, name: str, fid_cfg: dict,
+                 device) -> dict:
+    """FID-family entries (prefixed `name`) of `images` against cached reference features."""
+    ref = load_features(ref_path)
+    check_matches_reference(images, ref, str(source))
+    feats = _extract(images, fid_cfg, device, f"{name} features")
+    entries = _fid_entries(fid_from_features(feats, ref, kid_subset_size=fid_cfg["kid_subset_size"]), name)
+    return {**entries, "reference": f"{ref_name}, {len(ref['2048'])} images"}
+
+
 def reference_features(split_dir: Path, out_path: Path, *, eval_cfg: dict, device) -> None:
     """Inception features of a split's real images, cached once for every FID against it."""
     images = load_images(Path(split_dir) / "images.npy")
@@ -115,11 +125,8 @@ def evaluate_samples(samples_dir: Path, train_ref: Path, train_split_dir: Path, 
     result: dict = {"num_samples": len(images), "images_per_s": timing.get("images_per_s"), "timing": timing}
     fid_cfg, ocr_cfg = eval_cfg["fid"], eval_cfg["ocr"]
     if fid_cfg["enabled"]:
-        ref = load_features(train_ref)
-        check_matches_reference(images, ref, str(samples_dir / "images.npy"))
-        feats = _extract(images, fid_cfg, device, "sample features")
-        result.update(_fid_entries(fid_from_features(feats, ref, kid_subset_size=fid_cfg["kid_subset_size"]), "fid"))
-        result["reference"] = f"train split, {len(ref['2048'])} images"
+        result.update(_fid_against(images, samples_dir / "images.npy", train_ref, "train split", "fid", fid_cfg,
+                                   device))
     if is_text and ocr_cfg["enabled"]:
         n = min(ocr_cfg["max_images"], len(images))
         entries, texts = _ocr_entries(images[:n], None, "ocr_", device)
@@ -140,11 +147,8 @@ def evaluate_tokenizer(recon_dir: Path, val_split_dir: Path, val_ref: Path, out_
     result["num_reconstructions"] = len(recon)
     fid_cfg, ocr_cfg = eval_cfg["fid"], eval_cfg["ocr"]
     if fid_cfg["enabled"]:
-        ref = load_features(val_ref)
-        check_matches_reference(recon, ref, str(recon_dir / "recon.npy"))
-        feats = _extract(recon, fid_cfg, device, "reconstruction features")
-        result.update(_fid_entries(fid_from_features(feats, ref, kid_subset_size=fid_cfg["kid_subset_size"]), "rfid"))
-        result["reference"] = f"validation split, {len(ref['2048'])} images"
+        result.update(_fid_against(recon, recon_dir / "recon.npy", val_ref, "validation split", "rfid", fid_cfg,
+                                   device))
     if is_text and ocr_cfg["enabled"]:
         texts = load_texts(val_split_dir)
         if len(texts) != len(recon):
