@@ -85,13 +85,17 @@ def extract_codes(model_path: Path, data_dir: Path, out_dir: Path, *, ten_crop: 
             out[start - lo:start - lo + len(batch)] = codes.reshape(len(batch), num_views, grid, grid, depth).cpu().numpy()
         save_npy(out, path)
 
-    with atomic_path(out_dir / "codes.npy") as tmp:
+    # The finished arrays are assembled inside the work folder and moved into place together,
+    # manifest last, so a job killed while assembling leaves only `shards/` behind.
+    with atomic_path(shard_dir / "codes.npy") as tmp:
         codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, num_views, grid, grid, depth))
         for shard in range(num_shards):
             codes[shard * shard_size:(shard + 1) * shard_size] = np.load(shard_dir / f"{shard:06d}.npy")
         codes.flush()
         del codes
-    save_npy(labels, out_dir / "labels.npy")
+    save_npy(labels, shard_dir / "labels.npy")
+    for name in ("codes.npy", "labels.npy"):
+        (shard_dir / name).replace(out_dir / name)
     save_json(manifest, out_dir / "manifest.json")
     shutil.rmtree(shard_dir)
 

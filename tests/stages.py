@@ -72,7 +72,7 @@ def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300) -> Non
                 raise AssertionError(f"stage ended before the fault could be injected:\n{p.stderr.read()[-2000:]}")
             if time.time() > deadline:
                 raise AssertionError("timed out waiting to inject the fault")
-            time.sleep(0.05)
+            time.sleep(0.01)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

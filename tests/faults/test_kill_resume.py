@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dnd.checkpoint import load_checkpoint
-from tests.stages import kill_when, stage
+from tests.stages import kill_when, stage, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,9 @@ def test_kill_generator_training(tiny_data, tiny_tokenizer, tiny_codes, tmp_path
 def test_kill_code_extraction(tiny_data, tiny_tokenizer, tiny_codes, tmp_path):
     cfg, data = tiny_data
     out = tmp_path / "codes"
+    # 12 shards of 8 (the same batches as the reference's 6 shards of 16), so that most of the
+    # work is still left when the second shard appears.
+    cfg = write_config(tmp_path, extract__shard_size=8)
     args = ["extract_codes", "--config", cfg, "--tokenizer", "d2", "--model", tiny_tokenizer,
             "--data", data / "train", "--out", out]
     kill_when(args, tmp_path, lambda: len(list((out / "shards").glob("0*.npy"))) >= 2)
