@@ -3,6 +3,11 @@
 `torchrun --nproc_per_node N -m dnd train_generator ...` sets RANK/WORLD_SIZE/LOCAL_RANK;
 `init()` then joins the group (NCCL on CUDA, gloo on the CPU). With one process every
 helper is a no-op. Only rank 0 writes checkpoints, metrics and MLflow runs.
+
+Two ways to spread a model: DistributedDataParallel (every process holds all weights,
+gradients and optimizer state) or FSDP (`fully_shard`, PyTorch's FSDP2: each process
+holds 1/N of them and gathers a block's weights only while it runs), for generators too
+large to replicate (XXL and larger).
 """
 from __future__ import annotations
 
@@ -59,6 +64,19 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized():
         dist.broadcast(t, src=src)
     return t
+
+
+def fully_shard_blocks(model: torch.nn.Module, block_type: type) -> None:
+    """Shard `model` in place over all processes: every `block_type` module is its own FSDP unit
+    (its weights are gathered just for its forward and backward), the rest belongs to the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
+    for module in model.modules():
+        if isinstance(module, block_type):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def shard(batch):

@@ -61,9 +61,11 @@ def stage(args: list[str], tmp: Path, *, check: bool = True, **env_extra) -> sub
     return r
 
 
-def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300) -> None:
-    """Start a stage, SIGKILL its whole process group as soon as `ready()` is true."""
-    p = subprocess.Popen([sys.executable, "-m", "dnd", *map(str, args)], cwd=tmp, env=env(tmp),
+def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300, nproc: int = 0) -> None:
+    """Start a stage (under torchrun with `nproc` processes if > 0), SIGKILL its whole process
+    group as soon as `ready()` is true."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    p = subprocess.Popen([sys.executable, *launcher, "-m", "dnd", *map(str, args)], cwd=tmp, env=env(tmp),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     try:

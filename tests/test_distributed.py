@@ -1,11 +1,13 @@
 """Multi-process training (torchrun, gloo on the CPU) follows the single-process trajectory.
 
 2 processes with the same global batch end with the same parameters as 1 process after N
-steps, within float tolerance (DDP averages gradients in another reduction order than a
-single full-batch backward), and a run checkpointed by 1 process resumes on 2.
+steps, within float tolerance (DDP and FSDP reduce gradients in another order than a single
+full-batch backward), with the model replicated (DDP) or sharded (FSDP), and a run
+checkpointed by 1 process resumes on 2 and the other way round.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,11 +22,12 @@ pytestmark = pytest.mark.slow
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _torchrun(nproc: int, args: list, tmp) -> None:
+def _torchrun(nproc: int, args: list, tmp) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "dnd", *map(str, args)]
     r = subprocess.run(cmd, cwd=tmp, env=env(tmp), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
 
 
 def _close(a: dict, b: dict) -> None:
@@ -36,18 +39,25 @@ def _close(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def no_dropout(tiny_data, tiny_tokenizer, tiny_codes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = write_config(tmp, generators__g__overrides={"dropout": 0.0, "token_dropout": 0.0, "class_dropout": 0.0},
-                       generators__g__train__steps=12, generators__g__train__ckpt_every=4)
-    _, data = tiny_data
-    base = ["train_generator", "--config", cfg, "--generator", "g", "--codes", tiny_codes, "--data", data / "train",
-            "--out"]
     one = tmp / "one" / "model.pt"
-    stage([*base, one], tmp)
-    return tmp, base, load_checkpoint(one)
+    stage([*_train_args(tmp, tiny_data, tiny_codes, "ddp"), one], tmp)
+    return tmp, tiny_data, tiny_codes, load_checkpoint(one)
+
+
+def _train_args(tmp, tiny_data, tiny_codes, parallel: str) -> list:
+    """train_generator on the tiny codes without dropout, 12 steps, every 4 checkpointed; ends with --out."""
+    cfg = write_config(tmp, parallel, generators__g__overrides={"dropout": 0.0, "token_dropout": 0.0,
+                                                                "class_dropout": 0.0},
+                       generators__g__train__steps=12, generators__g__train__ckpt_every=4,
+                       generators__g__train__parallel=parallel)
+    _, data = tiny_data
+    return ["train_generator", "--config", cfg, "--generator", "g", "--codes", tiny_codes, "--data", data / "train",
+            "--out"]
 
 
 def test_two_processes_equal_one(no_dropout):
-    tmp, base, ref = no_dropout
+    tmp, data, codes, ref = no_dropout
+    base = _train_args(tmp, data, codes, "ddp")
     out = tmp / "two" / "model.pt"
     _torchrun(2, [*base, out], tmp)
     got = load_checkpoint(out)
@@ -56,8 +66,36 @@ def test_two_processes_equal_one(no_dropout):
     assert not (out.parent / "resume.pt").exists()
 
 
+def test_fsdp_two_processes_equal_one(no_dropout):
+    tmp, data, codes, ref = no_dropout
+    out = tmp / "fsdp" / "model.pt"
+    log = _torchrun(2, [*_train_args(tmp, data, codes, "fsdp"), out], tmp)
+    held, total = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) of ([\d,]+) parameters held", log).groups())
+    assert held <= 0.55 * total, f"rank 0 holds {held} of {total} parameters: the model was not sharded"
+    got = load_checkpoint(out)
+    assert got["model"].keys() == ref["model"].keys()
+    _close(got["model"], ref["model"])
+    _close(got["ema"], ref["ema"])
+    for name, state in ref["optimizer"]["state"].items():  # full AdamW moments, gathered from the shards
+        _close(got["optimizer"]["state"][name], state)
+
+
+def test_fsdp_run_resumes_on_one_process(no_dropout):
+    # Killed while sharded over 2 processes, finished by 1 process in DDP mode (a plain run):
+    # the checkpoint is full tensors keyed by name, and the parallel mode is not part of the resume key.
+    tmp, data, codes, ref = no_dropout
+    out = tmp / "fsdp-switch" / "model.pt"
+    kill_when([*_train_args(tmp, data, codes, "fsdp"), out], tmp, lambda: (out.parent / "resume.pt").is_file(),
+              nproc=2)
+    assert not out.exists()
+    r = stage([*_train_args(tmp, data, codes, "ddp"), out], tmp)
+    assert "resuming" in r.stderr
+    _close(load_checkpoint(out)["model"], ref["model"])
+
+
 def test_resume_with_other_process_count(no_dropout):
-    tmp, base, ref = no_dropout
+    tmp, data, codes, ref = no_dropout
+    base = _train_args(tmp, data, codes, "ddp")
     out = tmp / "switch" / "model.pt"
     kill_when([*base, out], tmp, lambda: (out.parent / "resume.pt").is_file())
     assert not out.exists()

@@ -95,7 +95,7 @@ def test_paper_settings_match_the_published_recipe():
 
 def dry_run(workdir: Path, experiments: list[str], *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+        [*SNAKEMAKE, "-n", "-p", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
          "--config", f"experiments=[{','.join(experiments)}]", *extra],
         capture_output=True, text=True, timeout=300)
 
@@ -130,9 +130,14 @@ def test_dry_run_plans_every_experiment(tmp_path):
             continue
         assert "    log: results/" in block and "    benchmark: results/" in block, block
         assert re.search(r"resources: .*mem_mb=\d+.*", block) and "runtime=" in block and "gpu=" in block, block
-    # GPU-sized experiments ask for the GPU; the smoke run does not
-    assert re.search(r"wildcards: exp=imagenet256-paper, gen=dnd-XXL-d2\n\s+resources: .*gpu=1", proc.stdout)
+    # GPU-sized experiments ask for the GPU, and train on 8 of them under torchrun; the smoke run does not
+    assert re.search(r"wildcards: exp=imagenet256-paper, gen=dnd-XXL-d2\n\s+resources: .*gpu=8", proc.stdout)
+    assert re.search(r"wildcards: exp=imagenet256-paper, gen=dnd-XXL-d2, sampler=cfg2.0\n\s+resources: .*gpu=1",
+                     proc.stdout)
+    assert re.search(r"-m torch.distributed.run --standalone --nproc_per_node=8 -m dnd train_generator "
+                     r"--config \S+imagenet256-paper.yaml --generator dnd-XXL-d2", proc.stdout)
     assert re.search(r"wildcards: exp=smoke, gen=dnd\n\s+resources: .*gpu=0", proc.stdout)
+    assert re.search(r"OMP_NUM_THREADS=1 \S+python\S* -m dnd train_generator --config \S+smoke.yaml", proc.stdout)
 
 
 def test_experiments_may_be_given_as_a_comma_separated_string(tmp_path):

@@ -13,11 +13,14 @@ every sample come from (seed, sample position), and the global RNG (dropout, lab
 dropout) is reseeded from (seed, step) before every step.
 
 Multi-GPU: launched by `torchrun --nproc_per_node N -m dnd train_generator ...`, every
-process takes its slice of the same global batch (`batch_size` is global) and
-DistributedDataParallel averages the gradients, so N processes follow the same
-trajectory as one (up to float reduction order); only rank 0 writes checkpoints,
-`losses.csv` and MLflow. Checkpoints hold the unwrapped model, so a run resumes with
-any number of processes.
+process takes its slice of the same global batch (`batch_size` is global) and the
+gradients are averaged over processes, so N processes follow the same trajectory as one
+(up to float reduction order). `train.parallel` picks how: `ddp` replicates the model,
+`fsdp` shards weights, gradients, optimizer state and EMA over the processes (one FSDP
+unit per transformer block). Only rank 0 writes checkpoints, `losses.csv` and MLflow.
+Checkpoints hold full, unsharded tensors keyed by parameter name (model, EMA and AdamW
+state alike, gathered from every process), so a run resumes with any number of
+processes and either parallel mode.
 
 Per-step losses are buffered on the device and read back every `log_every` steps
 and before every checkpoint, so a step never waits for the GPU just to log; a
@@ -35,17 +38,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dnd import distributed, generators
 from dnd.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_text
 from dnd.codes import load_codes
 from dnd.config import code_depth, config_hash
+from dnd.generators.backbone import Block
 from dnd.progress import Progress
 from dnd.runtime import stage_seed
 from dnd.tracking import NullTracker
 
 
 # ----------------------------------------------------------------------------- optimisation pieces
+
+# Training settings that change how a run executes, not the weights it reaches.
+EXECUTION_ONLY = ("parallel", "compile", "activation_checkpointing", "ckpt_every", "log_every")
+
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices and embedding tables (ndim >= 2), none on norms, biases, other 1-D."""
@@ -72,7 +84,8 @@ class EMA:
     """fp32 exponential moving average of a model's state dict (parameters averaged, buffers copied).
 
     `shadow` has exactly the keys of `model.state_dict()`, so it loads strictly into a
-    freshly built model.
+    freshly built model. Under FSDP the shadow tensors are sharded like the parameters
+    (DTensors): each process averages only its own shard.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -100,7 +113,14 @@ class EMA:
             raise KeyError(f"EMA state does not match the model: unexpected {sorted(missing)[:5]}, "
                            f"missing {sorted(unexpected)[:5]}")
         for k, v in state.items():
-            self.shadow[k].copy_(v)
+            target = self.shadow[k]
+            if isinstance(target, DTensor):  # keep this process's shard of the full tensor
+                v = distribute_tensor(v.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+            target.copy_(v)
+
+    def full_state(self) -> dict:
+        """The shadow as full tensors (a collective under FSDP: every process must call it)."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
 
 
 class TrainStep:
@@ -111,10 +131,13 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float, betas, weight_decay: float, grad_clip: float,
-                 ema_decay: float, compile: bool, device: torch.device):
+                 ema_decay: float, compile: bool, device: torch.device, parallel: str = "ddp"):
         self.model, self.device, self.grad_clip = model, device, grad_clip
+        self.sharded = parallel == "fsdp" and distributed.world_size() > 1
         wrapped = model
-        if distributed.world_size() > 1:  # gradients averaged over processes during backward
+        if self.sharded:  # in place: parameters become DTensor shards, gradients reduce-scattered in backward
+            distributed.fully_shard_blocks(model, Block)
+        elif distributed.world_size() > 1:  # gradients all-reduced during backward
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if compile else wrapped
@@ -130,6 +153,8 @@ class TrainStep:
         losses = None
         for i, (codes, cond) in enumerate(micro_batches):  # codes (B, L, D), cond (B,) | None
             last = i == len(micro_batches) - 1
+            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync()
             with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 _, loss = self.forward(codes, cond)
@@ -142,6 +167,23 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         return losses / len(micro_batches)
+
+    def state(self) -> dict:
+        """Full model, EMA and optimizer state, keyed by parameter name, on the CPU of rank 0.
+
+        A collective (every process must call it); the other ranks get partial or empty dicts.
+        """
+        gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"model": get_model_state_dict(self.model, options=gathered),
+                "ema": {k: v.cpu() for k, v in self.ema.full_state().items()},
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=gathered)}
+
+    def load_state(self, state: dict) -> None:
+        """Load what `state()` returned (every process loads the full tensors and keeps its share)."""
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=full)
+        self.ema.load_state_dict(state["ema"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
 
 
 def depth_losses(model: torch.nn.Module) -> torch.Tensor:
@@ -262,21 +304,27 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
         if hasattr(module, "activation_checkpointing"):
             module.activation_checkpointing = tc["activation_checkpointing"]
     trainer = TrainStep(model, lr=tc["lr"], betas=tc["betas"], weight_decay=tc["weight_decay"],
-                        grad_clip=tc["grad_clip"], ema_decay=tc["ema_decay"], compile=tc["compile"], device=device)
+                        grad_clip=tc["grad_clip"], ema_decay=tc["ema_decay"], compile=tc["compile"], device=device,
+                        parallel=tc["parallel"])
+    if trainer.sharded and main:
+        local = sum(p.to_local().numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        print(f"train_generator {gen_name}: FSDP over {distributed.world_size()} processes, "
+              f"{local:,} of {total:,} parameters held by rank 0", file=sys.stderr)
 
     resume_path = out_path.parent / "resume.pt"
     losses_path = out_path.parent / "losses.csv"
     header = ["step", "loss", *[f"loss_d{d}" for d in range(depth)], "lr"]
-    # A resume.pt from another config, class count or codes folder (e.g. a retrained tokenizer) is not ours.
-    resume_key = config_hash({"gen": gen, "seed": cfg["seed"], "model_args": model.model_args,
+    # A resume.pt from another config, class count or codes folder (e.g. a retrained tokenizer) is not ours;
+    # one from a run that only executed differently (parallel mode, compile, checkpoint cadence) is.
+    trajectory = {**gen, "train": {k: v for k, v in tc.items() if k not in EXECUTION_ONLY}}
+    resume_key = config_hash({"gen": trajectory, "seed": cfg["seed"], "model_args": model.model_args,
                               "codes": data.manifest})
     start, rows = 0, []
     if resume_path.is_file():
         ckpt = load_checkpoint(resume_path, map_location=device)
         if ckpt.get("resume_key") == resume_key:
-            model.load_state_dict(ckpt["model"])
-            trainer.ema.load_state_dict(ckpt["ema"])
-            trainer.optimizer.load_state_dict(ckpt["optimizer"])
+            trainer.load_state(ckpt)
             start = int(ckpt["step"])
             rows = _read_rows(losses_path, start)
             print(f"train_generator {gen_name}: resuming from {resume_path} at step {start}", file=sys.stderr)
@@ -284,9 +332,8 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
             print(f"train_generator {gen_name}: ignoring {resume_path} (written for another config)",
                   file=sys.stderr)
 
-    def checkpoint(step: int) -> dict:
-        return {"config": cfg, "model_args": model.model_args, "model": model.state_dict(),
-                "ema": trainer.ema.shadow, "optimizer": trainer.optimizer.state_dict(), "step": step,
+    def checkpoint(step: int) -> dict:  # a collective: every process calls it, rank 0 saves it
+        return {"config": cfg, "model_args": model.model_args, **trainer.state(), "step": step,
                 "rng": rng_state(), "resume_key": resume_key}
 
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, losses on device) not yet read back
@@ -328,13 +375,15 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
             flush()
         if done % tc["ckpt_every"] == 0 and done < tc["steps"]:
             flush()
+            state = checkpoint(done)
             if main:
                 save_text(_csv_text(header, rows), losses_path)
-                save_checkpoint(checkpoint(done), resume_path)
+                save_checkpoint(state, resume_path)
             saved_step = done
     flush()
+    state = checkpoint(tc["steps"])
     if main:
         save_text(_csv_text(header, rows), losses_path)
-        save_checkpoint(checkpoint(tc["steps"]), out_path)
+        save_checkpoint(state, out_path)
         resume_path.unlink(missing_ok=True)
     distributed.barrier()

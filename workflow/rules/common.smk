@@ -98,20 +98,35 @@ def res_threads(wildcards) -> int:
     return exp_cfg(wildcards)["resources"]["threads"]
 
 
-def job_resources(*, uses_gpu: bool = True, mem_mb: int | None = None, runtime: int | None = None) -> dict:
+def train_gpus(wildcards) -> int:
+    res = exp_cfg(wildcards)["resources"]
+    return res["gpu"] if res["train_gpus"] is None else res["train_gpus"]
+
+
+def train_launcher(wildcards) -> str:
+    """How a training stage starts: torchrun with one process per GPU when it has several."""
+    gpus = train_gpus(wildcards)
+    if gpus > 1:
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={gpus}"
+    return PYTHON
+
+
+def job_resources(*, uses_gpu: bool = True, trains: bool = False, mem_mb: int | None = None,
+                  runtime: int | None = None) -> dict:
     def pick(key):
         return lambda wildcards: exp_cfg(wildcards)["resources"][key]
 
     return {
         "mem_mb": mem_mb or pick("mem_mb"),
         "runtime": runtime or pick("runtime_min"),  # minutes
-        "gpu": pick("gpu") if uses_gpu else 0,
+        "gpu": train_gpus if trains else pick("gpu") if uses_gpu else 0,
         "slurm_partition": pick("slurm_partition"),
         "slurm_account": pick("slurm_account"),
     }
 
 
 MODEL_JOB = job_resources()
+TRAIN_JOB = job_resources(trains=True)
 DATA_JOB = job_resources(uses_gpu=False)
 REPORT_JOB = job_resources(uses_gpu=False, mem_mb=4000, runtime=30)
 

@@ -21,6 +21,7 @@ rule train_generator:
         losses=f"{RESULTS}/generators/{{gen}}/losses.csv",
     params:
         config=exp_file,
+        launch=train_launcher,
         codes=generator_codes_dir,
         data=f"{RESULTS}/data/train",
         cfg_hash=hash_of(lambda c, w: {"generator": c["generators"][w.gen], "seed": c["seed"]}),
@@ -30,9 +31,9 @@ rule train_generator:
         benchmark_path("train_generator", "{gen}")
     threads: res_threads
     resources:
-        **MODEL_JOB,
+        **TRAIN_JOB,
     shell:
-        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {params.launch} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
         " --codes {params.codes} --data {params.data} --tokenizer-model {input.tokenizer}"
         " --out {output.model} > {log} 2>&1"
 

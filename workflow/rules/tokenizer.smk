@@ -11,6 +11,7 @@ rule train_tokenizer:
         log_csv=f"{RESULTS}/tokenizer/{{tok}}/train_log.csv",
     params:
         config=exp_file,
+        launch=train_launcher,
         data=f"{RESULTS}/data/train",
         cfg_hash=hash_of(lambda c, w: {"tokenizer": c["tokenizers"][w.tok], "seed": c["seed"]}),
     log:
@@ -19,9 +20,9 @@ rule train_tokenizer:
         benchmark_path("train_tokenizer", "{tok}")
     threads: res_threads
     resources:
-        **MODEL_JOB,
+        **TRAIN_JOB,
     shell:
-        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {params.launch} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
         " --data {params.data} --out {output.model} > {log} 2>&1"
 
 
