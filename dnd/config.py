@@ -161,6 +161,16 @@ def check_semantics(cfg: dict, *, source: str = "<config>") -> None:
                              f"{len(s[k])} values but generator {gname} has code depth {code_depth(cfg, gen)}")
 
 
+# Generator training settings that change how a run executes, not the weights it reaches:
+# changing them neither re-runs a finished training (Snakemake params) nor discards its resume.pt.
+GENERATOR_EXECUTION_KEYS = ("parallel", "compile", "activation_checkpointing", "ckpt_every", "log_every")
+
+
+def generator_trajectory(gen: dict) -> dict:
+    """A generator entry without its execution-only training keys (what its weights depend on)."""
+    return {**gen, "train": {k: v for k, v in gen["train"].items() if k not in GENERATOR_EXECUTION_KEYS}}
+
+
 def config_hash(obj: Any) -> str:
     """Short stable hash of plain data (sorted-key JSON)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -158,3 +158,20 @@ def test_changed_generator_parameter_reruns_only_its_jobs(run, tmp_path):
     want = sorted([("train_generator", gen), ("report", "")]
                   + [(rule, gen) for rule in ("sample", "evaluate_samples") for _ in cfg["samplers"]])
     assert got == want, got
+
+
+def test_execution_only_settings_rerun_nothing_but_the_report(run):
+    # How a training executes (parallel mode, compile, checkpoint cadence) does not change its weights.
+    workdir, _ = run
+    exp_file = workdir / "experiments" / f"{EXP}.yaml"
+    original = exp_file.read_text()
+    raw = yaml.safe_load(original)
+    for gen in raw["generators"].values():
+        gen["train"] = {**gen["train"], "parallel": "fsdp", "ckpt_every": 7, "log_every": 3}
+    exp_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        proc = snakemake(workdir, "-n")
+    finally:
+        exp_file.write_text(original)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(rule for rule, _ in planned_jobs(proc.stdout) if rule != "all") == ["report"]

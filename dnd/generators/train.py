@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from dnd import distributed, generators
 from dnd.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_text
 from dnd.codes import load_codes
-from dnd.config import code_depth, config_hash
+from dnd.config import code_depth, config_hash, generator_trajectory
 from dnd.generators.backbone import Block
 from dnd.progress import Progress
 from dnd.runtime import stage_seed
@@ -54,10 +54,6 @@ from dnd.tracking import NullTracker
 
 
 # ----------------------------------------------------------------------------- optimisation pieces
-
-# Training settings that change how a run executes, not the weights it reaches.
-EXECUTION_ONLY = ("parallel", "compile", "activation_checkpointing", "ckpt_every", "log_every")
-
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices and embedding tables (ndim >= 2), none on norms, biases, other 1-D."""
@@ -317,8 +313,7 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     header = ["step", "loss", *[f"loss_d{d}" for d in range(depth)], "lr"]
     # A resume.pt from another config, class count or codes folder (e.g. a retrained tokenizer) is not ours;
     # one from a run that only executed differently (parallel mode, compile, checkpoint cadence) is.
-    trajectory = {**gen, "train": {k: v for k, v in tc.items() if k not in EXECUTION_ONLY}}
-    resume_key = config_hash({"gen": trajectory, "seed": cfg["seed"], "model_args": model.model_args,
+    resume_key = config_hash({"gen": generator_trajectory(gen), "seed": cfg["seed"], "model_args": model.model_args,
                               "codes": data.manifest})
     start, rows = 0, []
     if resume_path.is_file():

@@ -16,7 +16,7 @@ REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
-from dnd.config import ConfigError, config_hash, load  # noqa: E402
+from dnd.config import ConfigError, config_hash, generator_trajectory, load  # noqa: E402
 
 # Jobs run `python -m dnd` with the interpreter running Snakemake, so an un-activated
 # virtualenv works.

@@ -24,7 +24,7 @@ rule train_generator:
         launch=train_launcher,
         codes=generator_codes_dir,
         data=f"{RESULTS}/data/train",
-        cfg_hash=hash_of(lambda c, w: {"generator": c["generators"][w.gen], "seed": c["seed"]}),
+        cfg_hash=hash_of(lambda c, w: {"generator": generator_trajectory(c["generators"][w.gen]), "seed": c["seed"]}),
     log:
         log_path("train_generator", "{gen}"),
     benchmark:
