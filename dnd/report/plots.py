@@ -100,7 +100,7 @@ def speed_figure(speed: pd.DataFrame) -> Figure:
     for i, row in enumerate(speed.itertuples()):
         if not np.isfinite(row.images_per_s):
             continue
-        ax.scatter(row.depth, row.images_per_s, marker=KIND_MARKERS.get(row.kind, "D"), color=f"C{i % 10}", s=40,
+        ax.scatter(row.depth, row.images_per_s, marker=KIND_MARKERS.get(row.kind.split()[0], "D"), color=f"C{i % 10}", s=40,
                    label=f"{row.name} ({row.sampler})")
     ax.set_xticks(sorted(speed["depth"].dropna().astype(int).unique()))
     ax.set(xlabel="code depth D", ylabel="images / s", title="Sampling throughput")

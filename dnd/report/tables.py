@@ -187,6 +187,15 @@ def _params(n) -> str | None:
     return None if n is None else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def kind_label(gen: dict) -> str:
+    """The generator kind with the variant options that change what it predicts per step."""
+    if gen["kind"] == "dnd" and gen.get("heads") == "parallel":
+        return "dnd (parallel heads)"
+    if gen["kind"] == "ar1d" and gen.get("flatten"):
+        return "ar1d (flattened)"
+    return gen["kind"]
+
+
 def generator_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
     rows = []
     for name, gen in cfg["generators"].items():
@@ -197,7 +206,7 @@ def generator_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
             m = reader.json(f"metrics/{name}/{sampler_name}.json")
             timing = reader.json(f"samples/{name}/{sampler_name}/timing.json")
             rows.append({
-                "source": "this run", "name": name, "sampler": sampler_name, "kind": gen["kind"],
+                "source": "this run", "name": name, "sampler": sampler_name, "kind": kind_label(gen),
                 "size": gen["size"], "params": _params(_first(timing, "num_params")),
                 "tokenizer": gen["tokenizer"], "depth": depth,
                 "codes": f"{grid}x{grid}x{depth}", "cfg_scale": sampler["cfg_scale"],
