@@ -93,14 +93,18 @@ def test_fsdp_run_resumes_on_one_process(no_dropout):
     _close(load_checkpoint(out)["model"], ref["model"])
 
 
-def test_resume_with_other_process_count(no_dropout):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_with_other_process_count(no_dropout, parallel):
+    # Killed as 1 process, finished by 2 (replicated or sharded: each takes its share of the full checkpoint).
     tmp, data, codes, ref = no_dropout
-    base = _train_args(tmp, data, codes, "ddp")
-    out = tmp / "switch" / "model.pt"
-    kill_when([*base, out], tmp, lambda: (out.parent / "resume.pt").is_file())
+    out = tmp / f"switch-{parallel}" / "model.pt"
+    kill_when([*_train_args(tmp, data, codes, "ddp"), out], tmp, lambda: (out.parent / "resume.pt").is_file())
     assert not out.exists()
-    _torchrun(2, [*base, out], tmp)
-    _close(load_checkpoint(out)["model"], ref["model"])
+    log = _torchrun(2, [*_train_args(tmp, data, codes, parallel), out], tmp)
+    assert "resuming" in log
+    got = load_checkpoint(out)
+    _close(got["model"], ref["model"])
+    _close(got["ema"], ref["ema"])
 
 
 def test_tokenizer_two_processes_equal_one(tiny_data, tmp_path):
