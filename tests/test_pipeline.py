@@ -139,22 +139,30 @@ def test_snakemake_report_collects_the_figures(run):
     assert (workdir / "snakemake_report.zip").stat().st_size > 10_000
 
 
-def test_changed_generator_parameter_reruns_only_its_jobs(run, tmp_path):
-    workdir, cfg = run
+def planned_after(workdir: Path, edit) -> list[tuple[str, dict]]:
+    """The jobs a dry run plans after `edit(raw config)`; the experiment file is restored afterwards."""
     exp_file = workdir / "experiments" / f"{EXP}.yaml"
     original = exp_file.read_text()
     raw = yaml.safe_load(original)
-    gen = "rqt"
-    train = raw["generators"][gen]["train"]  # a YAML alias shared with the other generators: copy it
-    raw["generators"][gen]["train"] = {**train, "steps": train.get("steps", 300) + 10}
+    edit(raw)
     exp_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         proc = snakemake(workdir, "-n")
     finally:
         exp_file.write_text(original)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = planned_jobs(proc.stdout)
-    got = sorted((rule, w.get("gen", "")) for rule, w in jobs if rule != "all")
+    return [(rule, w) for rule, w in planned_jobs(proc.stdout) if rule != "all"]
+
+
+def test_changed_generator_parameter_reruns_only_its_jobs(run):
+    workdir, cfg = run
+    gen = "rqt"
+
+    def more_steps(raw):
+        train = raw["generators"][gen]["train"]  # a YAML alias shared with the other generators: copy it
+        raw["generators"][gen]["train"] = {**train, "steps": train.get("steps", 300) + 10}
+
+    got = sorted((rule, w.get("gen", "")) for rule, w in planned_after(workdir, more_steps))
     want = sorted([("train_generator", gen), ("report", "")]
                   + [(rule, gen) for rule in ("sample", "evaluate_samples") for _ in cfg["samplers"]])
     assert got == want, got
@@ -162,16 +170,8 @@ def test_changed_generator_parameter_reruns_only_its_jobs(run, tmp_path):
 
 def test_execution_only_settings_rerun_nothing_but_the_report(run):
     # How a training executes (parallel mode, compile, checkpoint cadence) does not change its weights.
-    workdir, _ = run
-    exp_file = workdir / "experiments" / f"{EXP}.yaml"
-    original = exp_file.read_text()
-    raw = yaml.safe_load(original)
-    for gen in raw["generators"].values():
-        gen["train"] = {**gen["train"], "parallel": "fsdp", "ckpt_every": 7, "log_every": 3}
-    exp_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
-        proc = snakemake(workdir, "-n")
-    finally:
-        exp_file.write_text(original)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(rule for rule, _ in planned_jobs(proc.stdout) if rule != "all") == ["report"]
+    def execute_otherwise(raw):
+        for gen in raw["generators"].values():
+            gen["train"] = {**gen["train"], "parallel": "fsdp", "ckpt_every": 7, "log_every": 3}
+
+    assert [rule for rule, _ in planned_after(run[0], execute_otherwise)] == ["report"]
