@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def _base(sub, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--config", required=True, type=Path, help="experiment YAML (experiments/<exp>.yaml)")
     return p
+
+
+def _processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=1,
+                   help="training processes, one per GPU: more than 1 re-runs this command under "
+                        "`torchrun --standalone --nproc_per_node N` (DDP or FSDP, see train.parallel)")
+
+
+def _relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same stage in `processes` processes."""
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={processes}", "-m", "dnd", *argv])
 
 
 def _variant(cfg: dict, section: str, name: str) -> dict:
@@ -160,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer variant name")
     p.add_argument("--data", required=True, type=Path, help="training split folder")
     p.add_argument("--out", required=True, type=Path, help="model.pt")
+    _processes(p)
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = _base(sub, "reconstruct", "reconstruct a split with a tokenizer; PSNR, SSIM, code usage")
@@ -182,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="training split folder (for the class count)")
     p.add_argument("--tokenizer-model", type=Path, default=None, help="tokenizer model.pt (rqt soft targets)")
     p.add_argument("--out", required=True, type=Path, help="model.pt")
+    _processes(p)
     p.set_defaults(func=cmd_train_generator)
 
     p = _base(sub, "sample", "sample codes with a generator and decode them to images")
@@ -227,5 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "processes", 1) > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+        _relaunch_under_torchrun(args.processes, sys.argv[1:] if argv is None else [str(a) for a in argv])
     args.func(args, cfg)
     return 0

@@ -56,10 +56,12 @@ def _train_args(tmp, tiny_data, tiny_codes, parallel: str) -> list:
 
 
 def test_two_processes_equal_one(no_dropout):
+    # Started the way the Snakemake rule starts it: `--processes 2` re-runs the stage under torchrun.
     tmp, data, codes, ref = no_dropout
     base = _train_args(tmp, data, codes, "ddp")
     out = tmp / "two" / "model.pt"
-    _torchrun(2, [*base, out], tmp)
+    log = stage([*base, out, "--processes", "2"], tmp).stderr
+    assert "DDP over 2 processes" in log, log[-2000:]
     got = load_checkpoint(out)
     _close(got["model"], ref["model"])
     _close(got["ema"], ref["ema"])

@@ -134,10 +134,11 @@ def test_dry_run_plans_every_experiment(tmp_path):
     assert re.search(r"wildcards: exp=imagenet256-paper, gen=dnd-XXL-d2\n\s+resources: .*gpu=8", proc.stdout)
     assert re.search(r"wildcards: exp=imagenet256-paper, gen=dnd-XXL-d2, sampler=cfg2.0\n\s+resources: .*gpu=1",
                      proc.stdout)
-    assert re.search(r"-m torch.distributed.run --standalone --nproc_per_node=8 -m dnd train_generator "
-                     r"--config \S+imagenet256-paper.yaml --generator dnd-XXL-d2", proc.stdout)
+    assert re.search(r"-m dnd train_generator --config \S+imagenet256-paper.yaml --generator dnd-XXL-d2 .* "
+                     r"--processes 8 ", proc.stdout)
     assert re.search(r"wildcards: exp=smoke, gen=dnd\n\s+resources: .*gpu=0", proc.stdout)
-    assert re.search(r"OMP_NUM_THREADS=1 \S+python\S* -m dnd train_generator --config \S+smoke.yaml", proc.stdout)
+    assert re.search(r"OMP_NUM_THREADS=1 \S+python\S* -m dnd train_generator --config \S+smoke.yaml .* "
+                     r"--processes 0 ", proc.stdout)
 
 
 def test_experiments_may_be_given_as_a_comma_separated_string(tmp_path):

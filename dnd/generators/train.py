@@ -302,11 +302,11 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     trainer = TrainStep(model, lr=tc["lr"], betas=tc["betas"], weight_decay=tc["weight_decay"],
                         grad_clip=tc["grad_clip"], ema_decay=tc["ema_decay"], compile=tc["compile"], device=device,
                         parallel=tc["parallel"])
-    if trainer.sharded and main:
-        local = sum(p.to_local().numel() for p in model.parameters())
+    if distributed.world_size() > 1 and main:
         total = sum(p.numel() for p in model.parameters())
-        print(f"train_generator {gen_name}: FSDP over {distributed.world_size()} processes, "
-              f"{local:,} of {total:,} parameters held by rank 0", file=sys.stderr)
+        held = sum(p.to_local().numel() for p in model.parameters()) if trainer.sharded else total
+        print(f"train_generator {gen_name}: {'FSDP' if trainer.sharded else 'DDP'} over {distributed.world_size()} "
+              f"processes, {held:,} of {total:,} parameters held by rank 0", file=sys.stderr)
 
     resume_path = out_path.parent / "resume.pt"
     losses_path = out_path.parent / "losses.csv"

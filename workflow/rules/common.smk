@@ -99,16 +99,9 @@ def res_threads(wildcards) -> int:
 
 
 def train_gpus(wildcards) -> int:
+    """GPUs of a training job; its stage runs one process per GPU (`--processes {resources.gpu}`)."""
     res = exp_cfg(wildcards)["resources"]
     return res["gpu"] if res["train_gpus"] is None else res["train_gpus"]
-
-
-def train_launcher(wildcards) -> str:
-    """How a training stage starts: torchrun with one process per GPU when it has several."""
-    gpus = train_gpus(wildcards)
-    if gpus > 1:
-        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={gpus}"
-    return PYTHON
 
 
 def job_resources(*, uses_gpu: bool = True, trains: bool = False, mem_mb: int | None = None,

@@ -21,7 +21,6 @@ rule train_generator:
         losses=f"{RESULTS}/generators/{{gen}}/losses.csv",
     params:
         config=exp_file,
-        launch=train_launcher,
         codes=generator_codes_dir,
         data=f"{RESULTS}/data/train",
         cfg_hash=hash_of(lambda c, w: {"generator": generator_trajectory(c["generators"][w.gen]), "seed": c["seed"]}),
@@ -33,9 +32,9 @@ rule train_generator:
     resources:
         **TRAIN_JOB,
     shell:
-        "DND_RULE={rule} OMP_NUM_THREADS={threads} {params.launch} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_generator --config {params.config} --generator {wildcards.gen}"
         " --codes {params.codes} --data {params.data} --tokenizer-model {input.tokenizer}"
-        " --out {output.model} > {log} 2>&1"
+        " --out {output.model} --processes {resources.gpu} > {log} 2>&1"
 
 
 rule sample:

@@ -11,7 +11,6 @@ rule train_tokenizer:
         log_csv=f"{RESULTS}/tokenizer/{{tok}}/train_log.csv",
     params:
         config=exp_file,
-        launch=train_launcher,
         data=f"{RESULTS}/data/train",
         cfg_hash=hash_of(lambda c, w: {"tokenizer": c["tokenizers"][w.tok], "seed": c["seed"]}),
     log:
@@ -22,8 +21,8 @@ rule train_tokenizer:
     resources:
         **TRAIN_JOB,
     shell:
-        "DND_RULE={rule} OMP_NUM_THREADS={threads} {params.launch} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
-        " --data {params.data} --out {output.model} > {log} 2>&1"
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd train_tokenizer --config {params.config} --tokenizer {wildcards.tok}"
+        " --data {params.data} --out {output.model} --processes {resources.gpu} > {log} 2>&1"
 
 
 rule reconstruct:
