@@ -26,10 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params,
-                    device_peaks, floor_seconds, hardware_table, markdown_table, peak_memory_mib, print_rows,
-                    reset_peak_memory, sync)
+                    floor_seconds, markdown_table, peak_memory_mib, print_rows, reset_peak_memory,
+                    start_generator_run, sync)
 from dnd.generators import Sampler
-from dnd.runtime import resolve_device
 
 SWEEP_DEPTHS = (1, 2, 4, 8)
 
@@ -144,11 +143,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.plot and not args.depth_sweep:
         p.error("--plot needs --depth-sweep")
-    device = resolve_device(args.device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    peaks = device_peaks(device, args.bandwidth_gbs, args.peak_tflops)
-    print(hardware_table(device), end="\n\n")
+    device, peaks = start_generator_run(args)
     depths = SWEEP_DEPTHS if args.depth_sweep else (args.depth,)
     if args.paths is None:
         args.paths = ["plain"] if device.type != "cuda" else ["fast"] if args.depth_sweep else ["plain", "fast"]

@@ -19,10 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params,
-                    device_peaks, floor_seconds, hardware_table, peak_memory_mib, print_rows, reset_peak_memory,
-                    sync)
+                    floor_seconds, peak_memory_mib, print_rows, reset_peak_memory, start_generator_run, sync)
 from dnd.generators.train import TrainStep
-from dnd.runtime import resolve_device
 
 OPTIMIZER_BYTES_PER_PARAM = 40
 
@@ -87,11 +85,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--activation-checkpointing", action="store_true")
     add_peak_arguments(p)
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    peaks = device_peaks(device, args.bandwidth_gbs, args.peak_tflops)
-    print(hardware_table(device), end="\n\n")
+    device, peaks = start_generator_run(args)
     rows = [bench_kind(kind, args, device, peaks) for kind in args.kind]
     print_rows(rows, device, peaks, args.out)
     return rows

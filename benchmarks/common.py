@@ -114,6 +114,18 @@ def add_generator_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="also save the rows (.json or .csv)")
 
 
+def start_generator_run(args) -> tuple[torch.device, tuple[float, float] | None]:
+    """Device, threads and peaks from the shared generator arguments; prints the hardware table."""
+    from dnd.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    peaks = device_peaks(device, args.bandwidth_gbs, args.peak_tflops)
+    print(hardware_table(device), end="\n\n")
+    return device, peaks
+
+
 def add_peak_arguments(parser) -> None:
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="memory bandwidth for the floor, GB/s (default: known GPUs only; no floor on CPU)")
