@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 EXP ?= smoke
 
-.PHONY: setup run test test-fast bench clean-results
+.PHONY: setup run test test-fast bench gpu-wheels clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,16 @@ bench: setup
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_sampling.py --depth-sweep
 	$(BIN)/python benchmarks/bench_metrics.py
+
+# What benchmarks/gpu_checks.py needs on the GPU machine beyond its own Python 3.12 (torch,
+# numpy, yaml are there; dnd.config's jsonschema is not), at this venv's versions. The device
+# command in benchmarks/RESULTS.md carries .whl/ and installs them.
+GPU_WHEELS = jsonschema|jsonschema-specifications|referencing|rpds-py
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -m pip freeze | grep -iE '^($(GPU_WHEELS))==')
 
 clean-results:
 	rm -rf results/$(EXP) reports/$(EXP)/report.html reports/$(EXP)/report.pdf

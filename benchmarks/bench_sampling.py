@@ -64,6 +64,8 @@ def bench_one(kind: str, depth: int, path: str, args, device: torch.device, peak
     torch.manual_seed(0)
     model = build_generator(kind, args.size, depth=depth, grid=args.grid, codebook_size=args.codebook_size,
                             num_classes=args.classes, device=device).eval()
+    if device.type == "cuda":  # bf16 weights, as the sample stage loads them on a GPU (generators.load)
+        model = model.to(torch.bfloat16)
     cond = torch.randint(0, args.classes, (args.batch,), device=device) if args.classes else None
     sampler = Sampler(temperature=1.0, cfg_scale=args.cfg_scale)
     compile = path == "fast"

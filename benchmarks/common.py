@@ -162,8 +162,9 @@ def build_generator(kind: str, size: str, *, depth: int, grid: int, codebook_siz
     from dnd import generators
 
     options = {"flatten": True} if kind == "ar1d" else {}
-    model = generators.build(kind, size, depth=depth, codebook_size=codebook_size, grid=grid,
-                             num_classes=num_classes, **options)
+    with device:  # initialised where it runs: an XXL model takes tens of seconds to initialise on a CPU
+        model = generators.build(kind, size, depth=depth, codebook_size=codebook_size, grid=grid,
+                                 num_classes=num_classes, **options)
     with torch.no_grad():  # zero-initialised heads give uniform logits; real weights do not
         for p in model.parameters():
             if p.ndim >= 2 and not p.any():

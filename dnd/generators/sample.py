@@ -62,7 +62,8 @@ def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Pat
     device = torch.device(device)
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
-    model = generators.load(gen_path, device=device)
+    # bf16 weights on a GPU (see generators.load); the CPU keeps fp32, its bf16 matmuls are slower.
+    model = generators.load(gen_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(tokenizer_path, map_location=device)
     args = model.model_args
     grid, depth, num_classes = args["grid"], args["depth"], args["num_classes"]
