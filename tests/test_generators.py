@@ -7,7 +7,11 @@ import torch.nn.functional as F
 
 from dnd import generators as G
 from dnd.checkpoint import save_checkpoint
-from dnd.generators.sampling import Sampler
+from torch._dynamo.utils import counters
+
+from dnd.generators import sampling
+from dnd.generators.backbone import KVCache
+from dnd.generators.sampling import Sampler, position_index
 
 V, GRID, DEPTH, CLASSES = 32, 4, 3, 5
 
@@ -173,15 +177,49 @@ def test_same_seed_same_samples(variant):
     assert not torch.equal(a, sample(1))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_steps_attend_over_the_filled_prefix_in_blocks(variant, monkeypatch):
+    # Blocks of 5 slots over 16 positions: spans 5, 10, 15, then 16 (the cache's end).
+    monkeypatch.setattr(sampling, "SPAN_BLOCK", 5)
+    model = make(variant)
+    spans = []
+    update = KVCache.update
+
+    def spy(cache, k, v, pos):
+        keys, values, mask = update(cache, k, v, pos)
+        if cache.k.shape[2] == model.num_steps:  # the sequence caches (not the RQ depth cache)
+            spans.append((position_index(pos), keys.shape[2], mask.shape[-1]))
+        return keys, values, mask
+
+    monkeypatch.setattr(KVCache, "update", spy)
+    sampler = Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)
+    static = model.generate(COND, sampler=sampler, generator=torch.Generator().manual_seed(0), static=True)
+    steps = model.num_steps
+    want = [min(steps, (s // 5 + 1) * 5) for s in range(steps)]
+    per_layer = len(spans) // steps
+    assert [n for _, n, _ in spans[::per_layer]] == want
+    assert all(n == m for _, n, m in spans) and [int(i) for i, _, _ in spans[::per_layer]] == list(range(steps))
+    monkeypatch.setattr(KVCache, "update", update)
+    assert torch.equal(static, model.generate(COND, sampler=sampler, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.slow
-def test_compiled_decoding_matches_eager():
-    # torch.compile of the static step (inductor on a CPU: about a minute to compile).
+def test_compiled_decoding_matches_eager(monkeypatch):
+    # torch.compile of the static step (inductor on a CPU: about a minute to compile). Spans of
+    # 2 slots: 8 spans over 16 positions, which must not cost 8 compilations.
+    monkeypatch.setattr(sampling, "SPAN_BLOCK", 2)
+    torch._dynamo.reset()
+    counters.clear()
     model = make("dnd")
     sampler = Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)
     eager = model.generate(COND, sampler=sampler, generator=torch.Generator().manual_seed(0))
-    for _ in range(2):  # the second call reuses the compiled step
+    for call in range(2):  # the second call reuses the compiled step
         compiled = model.generate(COND, sampler=sampler, generator=torch.Generator().manual_seed(0), compile=True)
         assert torch.equal(compiled, eager)
+        if call == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert 1 <= graphs < 8
+    assert counters["stats"]["unique_graphs"] == graphs
     greedy = model.generate(COND, sampler=Sampler(temperature=0), compile=True)
     assert torch.equal(model(greedy, COND)[0].argmax(-1), greedy)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from dnd.generators.backbone import (CodeGenerator, Head, LayerStack, grid_rope, init_weights, raster_coords,
                                      rope_at)
+from dnd.generators.sampling import position_index
 
 
 class FlattenedAR(CodeGenerator):
@@ -69,7 +70,7 @@ class FlattenedAR(CodeGenerator):
     def _decode_step(self, x, pos, noise, policy, guided):
         """One code: x (B', 1, dim) -> code (B, 1) and the same fed back (B', 1)."""
         h = self.layers(x, rope_at(self.rope_cos, self.rope_sin, pos), pos)
-        code, fed = self.pick(self.head(h)[:, -1], pos % self.depth,
+        code, fed = self.pick(self.head(h)[:, -1], position_index(pos) % self.depth,
                               None if noise is None else noise[:, 0], policy, guided)
         return code[:, None], fed[:, None]
 

@@ -18,9 +18,10 @@ KV cache: `LayerStack.setup_cache` preallocates keys/values to the maximal lengt
 Two decode modes share the same code:
   * eager (position given as a Python int): the step writes its keys at `pos` and
     attends over the filled prefix `[:pos + 1]` only, no mask, O(prefix) per step;
-  * static (position given as a 0-dim device tensor): keys are written with
-    `index_copy_` and attention runs over the whole cache with a length mask, so every
-    step has the same shapes and can be captured by CUDA graphs
+  * static (position given as a `StaticPos`: a 0-dim device tensor and a span): keys
+    are written with `index_copy_` and attention runs over the cache's first `span`
+    slots (the filled prefix rounded up to a block) with a length mask, so every step
+    of a block has the same shapes and can be captured by CUDA graphs
     (`torch.compile(mode="reduce-overhead")`). Caches are module buffers so the graph
     sees fixed addresses.
 """
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dnd.generators.sampling import decode
+from dnd.generators.sampling import StaticPos, decode, position_index
 
 # LlamaGen's GPT sizes (B..XXL) and the DnD reference's XXXL (48 x 2048, 32 heads; LG's
 # own XXXL is 48 x 2560). tiny/small are for tests and smoke runs.
@@ -123,10 +124,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(3).type_as(x)
 
 
-def rope_at(cos: torch.Tensor, sin: torch.Tensor, pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, pos: int | StaticPos) -> tuple[torch.Tensor, torch.Tensor]:
     """The (1, hd/2) rows of the RoPE tables for one decode step at sequence index `pos`."""
-    if isinstance(pos, torch.Tensor):
-        idx = pos.reshape(1)
+    if isinstance(pos, StaticPos):
+        idx = pos.index.reshape(1)
         return cos.index_select(0, idx), sin.index_select(0, idx)
     return cos[pos:pos + 1], sin[pos:pos + 1]
 
@@ -144,20 +145,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int | StaticPos):
         """Store k, v (B, H, T, hd) at `pos`; return (keys, values, attn_mask) to attend over.
 
         int pos: keys/values of the prefix [:pos + T] and a causal mask only when T > 1.
-        tensor pos (static shapes, T must be 1): the full cache and a (1, 1, 1, max_len) length mask.
+        StaticPos (T must be 1): the first `span` slots and a (1, 1, 1, span) length mask.
         """
         T = k.shape[2]
-        if isinstance(pos, torch.Tensor):
+        if isinstance(pos, StaticPos):
             if T != 1:
                 raise ValueError("static-shape decoding feeds one sequence index per step")
-            idx = pos.reshape(1)
+            n = pos.span
+            if n > self.k.shape[2]:
+                raise ValueError(f"KV cache holds {self.k.shape[2]} positions, step attends over {n}")
+            idx = pos.index.reshape(1)
             self.k.index_copy_(2, idx, k)
             self.v.index_copy_(2, idx, v)
-            return self.k, self.v, (self.slots <= pos).view(1, 1, 1, -1)
+            return self.k[:, :, :n], self.v[:, :, :n], (self.slots[:n] <= pos.index).view(1, 1, 1, n)
         end = pos + T
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions, step writes up to {end}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from dnd.generators.backbone import (CodeGenerator, Head, LayerStack, RMSNorm, grid_rope, init_weights,
                                      raster_coords, rope_at)
+from dnd.generators.sampling import StaticPos
 
 
 class RQTransformer(CodeGenerator):
@@ -120,7 +121,8 @@ class RQTransformer(CodeGenerator):
         slot, cumulative = context, None
         chosen, fed = [], []
         for d in range(self.depth):
-            depth_pos = torch.full_like(pos, d) if isinstance(pos, torch.Tensor) else d
+            # The depth cache holds D slots; the static path attends over the d + 1 filled ones.
+            depth_pos = StaticPos(torch.full_like(pos.index, d), d + 1) if isinstance(pos, StaticPos) else d
             h = self.depth_stack(slot + self.depth_pos.weight[d], None, depth_pos)  # (B', 1, dim)
             code, back = self.pick(self.head(h)[:, -1], d, None if noise is None else noise[:, d], policy, guided)
             chosen.append(code)
