@@ -20,6 +20,7 @@ layer at every step.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -54,10 +55,18 @@ def decode_bytes(model, batch_rows: int, weight_bytes: int) -> float:
     return weights * weight_bytes + kv
 
 
+_FLOPS: dict[tuple, float] = {}
+
+
 def generation_flops(model, cond, sampler) -> float:
-    with FlopCounterMode(display=False) as counter:
-        model.generate(cond, sampler=sampler, generator=torch.Generator(model.device.type).manual_seed(0))
-    return float(counter.get_total_flops())
+    """FLOPs of one generate call, counted once per configuration (the paths share it; an
+    XXL count runs a whole generation under the counter)."""
+    key = (json.dumps(model.model_args, sort_keys=True), None if cond is None else tuple(cond.shape), sampler.cfg_scale)
+    if key not in _FLOPS:
+        with FlopCounterMode(display=False) as counter:
+            model.generate(cond, sampler=sampler, generator=torch.Generator(model.device.type).manual_seed(0))
+        _FLOPS[key] = float(counter.get_total_flops())
+    return _FLOPS[key]
 
 
 def bench_one(kind: str, depth: int, path: str, args, device: torch.device, peaks) -> dict:

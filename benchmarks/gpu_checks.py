@@ -36,9 +36,9 @@ sys.path.insert(0, str(HERE))
 # on a GPU; --smoke swaps in tiny sizes that run on a 2-core CPU in about a minute.
 STEPS = [
     ("correctness", 150, None),
-    ("sample-b250", 150, ["bench_sampling.py", "--kind", "dnd", "--size", "XXL", "--depth", "2", "--batch", "250",
+    ("sample-b250", 240, ["bench_sampling.py", "--kind", "dnd", "--size", "XXL", "--depth", "2", "--batch", "250",
                           "--cfg-scale", "2", "--paths", "plain", "fast", "--repeats", "2"]),
-    ("sample-b50", 100, ["bench_sampling.py", "--kind", "dnd", "--size", "XXL", "--depth", "2", "--batch", "50",
+    ("sample-b50", 180, ["bench_sampling.py", "--kind", "dnd", "--size", "XXL", "--depth", "2", "--batch", "50",
                          "--cfg-scale", "2", "--paths", "plain", "fast", "--repeats", "3"]),
     ("train-b32", 100, ["bench_training.py", "--kind", "dnd", "--size", "XXL", "--depth", "2", "--batch", "32",
                         "--steps", "5"]),
