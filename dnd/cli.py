@@ -88,7 +88,8 @@ def cmd_extract_codes(args, cfg):
     _variant(cfg, "tokenizers", args.tokenizer)
     ex = cfg["extract"]
     with job_tracker(cfg, "extract_codes", args.tokenizer, params=ex):
-        extract_codes(args.model, args.data, args.out, ten_crop=ex["ten_crop"], batch_size=ex["batch_size"],
+        extract_codes(args.model, args.data, args.out, ten_crop=ex["ten_crop"] and not args.single_view,
+                      batch_size=ex["batch_size"],
                       shard_size=ex["shard_size"], device=_device(cfg))
 
 
@@ -103,6 +104,17 @@ def cmd_train_generator(args, cfg):
         train_generator(cfg, args.generator, args.codes, args.out, num_classes=num_classes,
                         device=_device(cfg), tracker=t, tokenizer_path=args.tokenizer_model)
         t.log_artifact(args.out.parent / "losses.csv")
+
+
+def cmd_heldout_loss(args, cfg):
+    from dnd.generators.heldout import heldout_loss
+    from dnd.tracking import job_tracker
+    gen = _variant(cfg, "generators", args.generator)
+    with job_tracker(cfg, "heldout_loss", args.generator, params=gen,
+                     extra_tags={"generator": args.generator, "kind": gen["kind"]}) as t:
+        result = heldout_loss(args.model, args.codes, args.train_codes, args.out,
+                              batch_size=gen["train"]["batch_size"], device=_device(cfg))
+        t.log_metrics({**_numbers(result), **{f"val_ce_d{k}": v for k, v in enumerate(result["val_ce_per_depth"])}})
 
 
 def cmd_sample(args, cfg):
@@ -188,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--single-view", action="store_true",
+                   help="one plain view per image whatever extract.ten_crop says (val codes, for held-out losses)")
     p.set_defaults(func=cmd_extract_codes)
 
     p = _base(sub, "train_generator", "train one generator variant on cached codes (resumes from resume.pt)")
@@ -198,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="model.pt")
     _processes(p)
     p.set_defaults(func=cmd_train_generator)
+
+    p = _base(sub, "heldout_loss", "a generator's cross-entropy on the val split's codes and on as many train codes")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--codes", required=True, type=Path, help="codes folder of the val split")
+    p.add_argument("--train-codes", required=True, type=Path, help="codes folder of the training split")
+    p.add_argument("--out", required=True, type=Path, help="metrics .json")
+    p.set_defaults(func=cmd_heldout_loss)
 
     p = _base(sub, "sample", "sample codes with a generator and decode them to images")
     p.add_argument("--generator", required=True)

@@ -113,7 +113,8 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["prepare_data", "reference_stats", "train_tokenizer", "reconstruct",
-                                   "extract_codes", "train_generator", "sample", "evaluate", "report"])
+                                   "extract_codes", "train_generator", "heldout_loss", "sample", "evaluate",
+                                   "report"])
 def test_every_stage_has_help(stage):
     r = subprocess.run([sys.executable, "-m", "dnd", stage, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--config" in r.stdout

@@ -108,8 +108,9 @@ def job_counts(stdout: str) -> dict[str, int]:
 def expected_counts(cfg: dict) -> dict[str, int]:
     n_tok, n_gen, n_samp = len(cfg["tokenizers"]), len(cfg["generators"]), len(cfg["samplers"])
     return {"prepare_data": 1, "reference_stats": 2, "train_tokenizer": n_tok, "reconstruct": n_tok,
-            "evaluate_tokenizer": n_tok, "extract_codes": len({g["tokenizer"] for g in cfg["generators"].values()}),
-            "train_generator": n_gen, "sample": n_gen * n_samp, "evaluate_samples": n_gen * n_samp,
+            "evaluate_tokenizer": n_tok,
+            "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train and val
+            "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp, "evaluate_samples": n_gen * n_samp,
             "evaluate_reference": 1, "report": 1}
 
 

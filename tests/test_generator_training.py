@@ -13,6 +13,7 @@ from torch import nn
 import dnd.generators as generators
 from dnd.checkpoint import load_checkpoint, save_checkpoint
 from dnd.config import validate
+from dnd.generators.heldout import heldout_loss
 from dnd.generators.sample import sample
 from dnd.generators.train import EMA, learning_rate, train_generator, weight_decay_groups
 from dnd.tokenizer.model import RQVAE
@@ -65,6 +66,15 @@ def test_memorises_four_sequences(tmp_path, gen):
     assert list(rows[0]) == ["step", "loss", *[f"loss_d{d}" for d in range(depth)], "lr"]
     assert float(rows[-1]["loss"]) < 0.05 < float(rows[0]["loss"])
     assert not (out.parent / "resume.pt").exists()
+
+    # Held-out loss: memorised training codes against unseen ones of the same grid.
+    make_codes(tmp_path / "val", seed=1)
+    held = heldout_loss(out, tmp_path / "val", tmp_path / "codes", tmp_path / "heldout.json", batch_size=3,
+                        device="cpu")
+    assert json.loads((tmp_path / "heldout.json").read_text()) == held
+    assert held["num_items"] == CLASSES and len(held["val_ce_per_depth"]) == depth
+    assert held["train_ce"] < 0.05 and held["val_ce"] > 1.0 and held["gap"] == held["val_ce"] - held["train_ce"]
+    assert held["val_ce"] == pytest.approx(np.mean(held["val_ce_per_depth"]), rel=1e-5)
 
 
 class Interrupt(Exception):

@@ -49,8 +49,9 @@ def expected_jobs(cfg: dict) -> Counter:
     n_tok, n_gen, n_samp = len(cfg["tokenizers"]), len(cfg["generators"]), len(cfg["samplers"])
     return Counter({"prepare_data": 1, "reference_stats": 2, "train_tokenizer": n_tok, "reconstruct": n_tok,
                     "evaluate_tokenizer": n_tok,
-                    "extract_codes": len({g["tokenizer"] for g in cfg["generators"].values()}),
-                    "train_generator": n_gen, "sample": n_gen * n_samp, "evaluate_samples": n_gen * n_samp,
+                    "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train, val
+                    "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp,
+                    "evaluate_samples": n_gen * n_samp,
                     "evaluate_reference": 1, "report": 1})
 
 
@@ -76,9 +77,10 @@ def test_every_stage_wrote_its_outputs(run):
         expected += [f"tokenizer/{tok}/model.pt", f"tokenizer/{tok}/train_log.csv",
                      f"tokenizer/{tok}/recon/recon_metrics.json", f"metrics/tokenizer/{tok}.json"]
     for tok in {g["tokenizer"] for g in cfg["generators"].values()}:
-        expected += [f"codes/{tok}/train/{f}" for f in ("codes.npy", "labels.npy", "manifest.json")]
+        expected += [f"codes/{tok}/{s}/{f}" for s in ("train", "val") for f in ("codes.npy", "labels.npy",
+                                                                               "manifest.json")]
     for gen in cfg["generators"]:
-        expected += [f"generators/{gen}/model.pt", f"generators/{gen}/losses.csv"]
+        expected += [f"generators/{gen}/model.pt", f"generators/{gen}/losses.csv", f"metrics/heldout/{gen}.json"]
         for sampler in cfg["samplers"]:
             expected += [f"samples/{gen}/{sampler}/{f}" for f in ("codes.npy", "labels.npy", "images.npy",
                                                                   "grid.png", "timing.json")]

@@ -70,6 +70,9 @@ def make_results(cfg: dict, root: Path, *, seed: int = 0) -> dict:
                   + ",0.001" for j, s in enumerate(steps)]
         _write(root / f"generators/{name}/losses.csv", "\n".join(lines) + "\n")
         _bench(root / f"benchmarks/train_generator/{name}.tsv", 100.0 + 10 * i, 1500.0)
+        _write(root / f"metrics/heldout/{name}.json", json.dumps(
+            {"train_ce": 2.0 + i, "val_ce": 3.5 + i, "gap": 1.5, "num_items": 64,
+             "val_ce_per_depth": [3.0 + i + d for d in range(depth)], "train_ce_per_depth": [2.0] * depth}))
         for sampler in cfg["samplers"]:
             fids[(name, sampler)] = 100.0 + 10 * i
             _write(root / f"metrics/{name}/{sampler}.json", json.dumps(
@@ -139,6 +142,10 @@ def test_tables_hold_every_variant_beside_published_rows(rendered, smoke_cfg):
     for needle in ("inception-v3-compat", "torch ", "train 512 images"):
         assert needle in text, needle
     assert "Missing inputs" not in text
+    held = _table(text, "heldout")
+    assert held[0][:7] == ["variant", "kind", "tokenizer", "depth", "train CE", "val CE", "val - train"]
+    assert [r[0] for r in held[1:]] == list(smoke_cfg["generators"])
+    assert [float(r[5]) for r in held[1:]] == [3.5 + i for i in range(len(smoke_cfg["generators"]))]
 
 
 def test_figures_written_as_png(rendered):
@@ -164,10 +171,11 @@ def drawn_images(page) -> list[tuple[int, int]]:
 def test_pdf_has_pages_and_embedded_images(rendered):
     out, _ = rendered
     reader = pypdf.PdfReader(out / "report.pdf")
-    # summary page + 5 tables + 5 figures + 3 sample grids
-    assert len(reader.pages) == 1 + 5 + len(FIGURES) + 3
+    # summary page + 6 tables + 5 figures + 3 sample grids
+    assert len(reader.pages) == 1 + 6 + len(FIGURES) + 3
     assert "Which generator is better" in reader.pages[1].extract_text()
-    for page, name in zip(reader.pages[6:6 + len(FIGURES)], FIGURES):  # vector figures with their captions
+    assert "Held-out cross-entropy" in reader.pages[5].extract_text()
+    for page, name in zip(reader.pages[7:7 + len(FIGURES)], FIGURES):  # vector figures with their captions
         assert FIGURE_CAPTIONS[name][:30] in page.extract_text().replace("\n", " "), name
         assert not drawn_images(page)
     grid_pages = reader.pages[-3:]

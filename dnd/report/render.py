@@ -62,6 +62,8 @@ COLUMN_NAMES = {
     "num_samples": "samples", "codebook_size": "codebook", "train_seconds": "train time (s)",
     "train_peak_mb": "train peak RSS (MB)", "fid_vs_best": "FID / best", "max_rss_mb": "peak RSS (MB)",
     "seconds": "wall time (s)", "cpu_seconds": "CPU time (s)", "mean_load": "mean CPU load (%)",
+    "train_ce": "train CE", "val_ce": "val CE", "ce_gap": "val - train", "val_ce_per_depth": "val CE per depth",
+    "heldout_items": "images",
 }
 FIGURE_CAPTIONS = {
     "depth": "Reconstruction quality against code depth (validation split).",
@@ -282,6 +284,10 @@ def _html(cfg: dict, res: Results, tables: dict[str, pd.DataFrame], pngs: dict[s
         figure("speed"),
         "<h2>Training losses</h2>",
         figure("losses"),
+        "<p class='note'>Cross-entropy in nats per code, eval mode, on every validation image's codes and on as "
+        "many training images' codes: a val loss far above the train loss means the generator memorised its "
+        "training codes, and then a low FID against the training split flatters it.</p>",
+        _table_html(tables["heldout"], "heldout"),
         "<h2>Samples</h2>",
         f"<div class='grids'>{grids or '<p>no sample grids yet</p>'}</div>",
         "<h2>Cost per stage</h2>",
@@ -321,7 +327,9 @@ def _write_pdf(path: Path, cfg: dict, res: Results, tables: dict[str, pd.DataFra
             for name, caption in [("comparison", "Which generator is better, by how much, at what cost"),
                                   ("tokenizers", "Tokenizers (published rows: the papers' scale)"),
                                   ("generators", "Generators (published rows: the papers' scale)"),
-                                  ("speed", "Sampling speed"), ("stage_cost", "Cost per stage")]:
+                                  ("speed", "Sampling speed"),
+                                  ("heldout", "Held-out cross-entropy (nats per code, eval mode)"),
+                                  ("stage_cost", "Cost per stage")]:
                 pdf.savefig(plots.table_figure(tables[name], caption))
             for name, fig in figures.items():
                 fig.suptitle(FIGURE_CAPTIONS[name], fontsize=9)
@@ -344,6 +352,8 @@ def render_report(cfg: dict, results_dir: Path, out_dir: Path, *, benchmarks_dir
         "tokenizers": tokenizer_comparison(cfg, res),
         "generators": generator_comparison(cfg, res),
         "speed": speed_comparison(cfg, res),
+        "heldout": _display(res.heldout, ["name", "kind", "tokenizer", "depth", "train_ce", "val_ce", "ce_gap",
+                                          "val_ce_per_depth", "heldout_items"]),
         "stage_cost": _display(res.stage_cost, ["rule", "variant", "seconds", "max_rss_mb", "cpu_seconds",
                                                 "mean_load"]),
     }

@@ -39,6 +39,7 @@ class Results:
     speed: pd.DataFrame
     reference: dict
     losses: dict[str, pd.DataFrame]
+    heldout: pd.DataFrame
     grids: dict[tuple[str, str], Path]
     stage_cost: pd.DataFrame
     extractors: list[str]
@@ -246,6 +247,19 @@ def loss_curves(cfg: dict, reader: _Reader) -> dict[str, pd.DataFrame]:
     return out
 
 
+def heldout_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
+    """Per generator: eval-mode cross-entropy on train and val codes (nats per code), and per depth on val."""
+    rows = []
+    for name, gen in cfg["generators"].items():
+        m = reader.json(f"metrics/heldout/{name}.json") or {}
+        rows.append({"name": name, "kind": kind_label(gen), "tokenizer": gen["tokenizer"],
+                     "depth": code_depth(cfg, gen), "train_ce": _num(m.get("train_ce")),
+                     "val_ce": _num(m.get("val_ce")), "ce_gap": _num(m.get("gap")),
+                     "val_ce_per_depth": " / ".join(f"{v:.2f}" for v in m.get("val_ce_per_depth", [])) or None,
+                     "heldout_items": m.get("num_items")})
+    return pd.DataFrame(rows)
+
+
 def sample_grids(cfg: dict, reader: _Reader) -> dict[tuple[str, str], Path]:
     out = {}
     for name in cfg["generators"]:
@@ -329,6 +343,7 @@ def collect(cfg: dict, results_dir: Path, *, benchmarks_dir: Path | None = None)
     return Results(
         data=data_table(reader), tokenizers=tokenizers, generators=generators,
         comparison=comparison_table(generators, stage_cost), speed=speed_table(generators),
-        reference=reference, losses=loss_curves(cfg, reader), grids=sample_grids(cfg, reader),
+        reference=reference, losses=loss_curves(cfg, reader), heldout=heldout_table(cfg, reader),
+        grids=sample_grids(cfg, reader),
         stage_cost=stage_cost, extractors=extractors, missing=reader.missing,
     )

@@ -161,6 +161,7 @@ def report_inputs(wildcards) -> dict[str, list[str]]:
         "tokenizer_logs": [f"{r}/tokenizer/{t}/train_log.csv" for t in toks],
         "generator_metrics": [f"{r}/metrics/{g}/{s}.json" for g in gens for s in samplers],
         "losses": [f"{r}/generators/{g}/losses.csv" for g in gens],
+        "heldout": [f"{r}/metrics/heldout/{g}.json" for g in gens],
         "grids": [f"{r}/samples/{g}/{s}/grid.png" for g in gens for s in samplers],
         "timings": [f"{r}/samples/{g}/{s}/timing.json" for g in gens for s in samplers],
     }

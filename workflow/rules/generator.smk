@@ -1,8 +1,8 @@
 # Generators: training on the extracted codes, then sampling with every sampler.
 
 
-def generator_codes_dir(wildcards) -> str:
-    return f"results/{wildcards.exp}/codes/{generator_tokenizer(wildcards)}/train"
+def generator_codes_dir(wildcards, split: str = "train") -> str:
+    return f"results/{wildcards.exp}/codes/{generator_tokenizer(wildcards)}/{split}"
 
 
 def generator_codes(wildcards) -> dict[str, str]:
@@ -68,3 +68,28 @@ rule sample:
         "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd sample --config {params.config} --generator {wildcards.gen}"
         " --sampler {wildcards.sampler} --model {input.model} --tokenizer-model {input.tokenizer}"
         " --out {params.out} > {log} 2>&1"
+
+
+rule heldout_loss:
+    # The trained generator's cross-entropy on the val split's codes against as many train
+    # codes (eval mode): the memorisation gap that losses.csv cannot show.
+    input:
+        model=rules.train_generator.output.model,
+        val=lambda w: f"{generator_codes_dir(w, 'val')}/manifest.json",
+        train=lambda w: f"{generator_codes_dir(w)}/manifest.json",
+    output:
+        f"{RESULTS}/metrics/heldout/{{gen}}.json",
+    params:
+        config=exp_file,
+        val=lambda w: generator_codes_dir(w, "val"),
+        train=generator_codes_dir,
+    log:
+        log_path("heldout_loss", "{gen}"),
+    benchmark:
+        benchmark_path("heldout_loss", "{gen}")
+    threads: res_threads
+    resources:
+        **MODEL_JOB,
+    shell:
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd heldout_loss --config {params.config} --generator {wildcards.gen}"
+        " --model {input.model} --codes {params.val} --train-codes {params.train} --out {output} > {log} 2>&1"

@@ -51,26 +51,28 @@ rule reconstruct:
 
 
 rule extract_codes:
-    # Codes of the train split only (generators train on them; nothing reads val codes).
+    # Train codes feed the generators (ten-crop views when extract.ten_crop); val codes, one
+    # plain view per image, give the generators' held-out loss (rule heldout_loss).
     input:
-        data_files("train"),
+        lambda w: data_files(w.split),
         model=rules.train_tokenizer.output.model,
     output:
-        codes=f"{RESULTS}/codes/{{tok}}/train/codes.npy",
-        labels=f"{RESULTS}/codes/{{tok}}/train/labels.npy",
-        manifest=f"{RESULTS}/codes/{{tok}}/train/manifest.json",
+        codes=f"{RESULTS}/codes/{{tok}}/{{split}}/codes.npy",
+        labels=f"{RESULTS}/codes/{{tok}}/{{split}}/labels.npy",
+        manifest=f"{RESULTS}/codes/{{tok}}/{{split}}/manifest.json",
     params:
         config=exp_file,
-        data=f"{RESULTS}/data/train",
-        out=f"{RESULTS}/codes/{{tok}}/train",
+        data=f"{RESULTS}/data/{{split}}",
+        out=f"{RESULTS}/codes/{{tok}}/{{split}}",
+        views=lambda w: "" if w.split == "train" else " --single-view",
         cfg_hash=hash_of(lambda c, w: {"extract": c["extract"]}),
     log:
-        log_path("extract_codes", "{tok}"),
+        log_path("extract_codes", "{tok}/{split}"),
     benchmark:
-        benchmark_path("extract_codes", "{tok}")
+        benchmark_path("extract_codes", "{tok}/{split}")
     threads: res_threads
     resources:
         **MODEL_JOB,
     shell:
         "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd extract_codes --config {params.config} --tokenizer {wildcards.tok}"
-        " --model {input.model} --data {params.data} --out {params.out} > {log} 2>&1"
+        " --model {input.model} --data {params.data} --out {params.out}{params.views} > {log} 2>&1"
