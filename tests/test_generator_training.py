@@ -173,16 +173,32 @@ def test_learning_rate_schedules():
     assert learning_rate(54, schedule="cosine", **kw) == pytest.approx(0.5)
 
 
-def test_ema_tracks_in_fp32():
+def test_ema_tracks_in_fp32_with_warmup():
     model = nn.Linear(3, 2)
     ema = EMA(model, decay=0.75)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(4.0)
-    ema.update()
+    ema.update()  # first update: decay min(0.75, 1/10)
     assert ema.shadow["weight"].dtype == torch.float32
-    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    assert torch.allclose(ema.shadow["weight"], start + 0.9 * 4.0)
     assert ema.shadow.keys() == model.state_dict().keys()
+    for _ in range(100):  # (1 + t) / (10 + t) passes 0.75 at t = 24: the cap holds from there
+        ema.update()
+    assert ema.current_decay() == 0.75 and ema.updates == 101
+
+
+def test_ema_forgets_the_initial_weights_in_a_short_run():
+    # 1,000 steps at decay 0.999: without the warm-up 0.999^1000 = 37% of the shadow would
+    # still be the random initialisation.
+    model = nn.Linear(3, 2, bias=False)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.zero_()
+    init = ema.shadow["weight"].clone()
+    for _ in range(1000):
+        ema.update()
+    assert ema.shadow["weight"].abs().max() < 1e-12 * init.abs().max()
 
 
 # ----------------------------------------------------------------------------- sample stage

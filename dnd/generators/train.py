@@ -82,10 +82,18 @@ class EMA:
     `shadow` has exactly the keys of `model.state_dict()`, so it loads strictly into a
     freshly built model. Under FSDP the shadow tensors are sharded like the parameters
     (DTensors): each process averages only its own shard.
+
+    Warm-up: update t (from 0) uses min(decay, (1 + t) / (10 + t)), as diffusers' EMAModel
+    does. A constant 0.999 from a copy of the initial weights keeps 0.999^1000 = 37% of the
+    random initialisation after 1,000 steps (the reference's 0.9999 is meant for ~10^5-10^6
+    steps), and the sampled weights are then mostly untrained; with the warm-up the initial
+    weights' share is below 1e-20 after 1,000 steps, and the average covers about the last
+    tenth of training until the decay cap takes over.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         state = model.state_dict()
         param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.shadow = {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
@@ -95,15 +103,20 @@ class EMA:
         self._sources = [state[k] for k in self._averaged]
         self._copied = [(k, state[k]) for k in state if k not in set(self._averaged)]
 
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self) -> None:
         targets = [self.shadow[k] for k in self._averaged]
         sources = [s if s.dtype == torch.float32 else s.float() for s in self._sources]
-        torch._foreach_lerp_(targets, sources, 1.0 - self.decay)
+        torch._foreach_lerp_(targets, sources, 1.0 - self.current_decay())
+        self.updates += 1
         for k, src in self._copied:
             self.shadow[k].copy_(src)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, updates: int) -> None:
+        self.updates = updates
         missing, unexpected = state.keys() - self.shadow.keys(), self.shadow.keys() - state.keys()
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the model: unexpected {sorted(missing)[:5]}, "
@@ -171,14 +184,14 @@ class TrainStep:
         """
         gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {"model": get_model_state_dict(self.model, options=gathered),
-                "ema": {k: v.cpu() for k, v in self.ema.full_state().items()},
+                "ema": {k: v.cpu() for k, v in self.ema.full_state().items()}, "ema_updates": self.ema.updates,
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=gathered)}
 
     def load_state(self, state: dict) -> None:
         """Load what `state()` returned (every process loads the full tensors and keeps its share)."""
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=full)
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema"], state["ema_updates"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
 
 
@@ -313,8 +326,9 @@ def train_generator(cfg: dict, gen_name: str, codes_dir: Path, out_path: Path, *
     header = ["step", "loss", *[f"loss_d{d}" for d in range(depth)], "lr"]
     # A resume.pt from another config, class count or codes folder (e.g. a retrained tokenizer) is not ours;
     # one from a run that only executed differently (parallel mode, compile, checkpoint cadence) is.
+    # "ema": resume.pt files from before the EMA warm-up hold a differently averaged shadow.
     resume_key = config_hash({"gen": generator_trajectory(gen), "seed": cfg["seed"], "model_args": model.model_args,
-                              "codes": data.manifest})
+                              "codes": data.manifest, "ema": "warmup"})
     start, rows = 0, []
     if resume_path.is_file():
         ckpt = load_checkpoint(resume_path, map_location=device)
