@@ -165,7 +165,7 @@ def test_changed_generator_parameter_reruns_only_its_jobs(run):
         raw["generators"][gen]["train"] = {**train, "steps": train.get("steps", 300) + 10}
 
     got = sorted((rule, w.get("gen", "")) for rule, w in planned_after(workdir, more_steps))
-    want = sorted([("train_generator", gen), ("report", "")]
+    want = sorted([("train_generator", gen), ("heldout_loss", gen), ("report", "")]
                   + [(rule, gen) for rule in ("sample", "evaluate_samples") for _ in cfg["samplers"]])
     assert got == want, got
 
