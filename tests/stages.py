@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -83,3 +84,11 @@ def kill_when(args: list[str], tmp: Path, ready, *, timeout: float = 300, nproc:
     assert p.returncode == -signal.SIGKILL, f"the stage was not killed (exit {p.returncode})"
 
 
+def expected_jobs(cfg: dict) -> Counter:
+    """The jobs per rule that the pipeline runs for a validated experiment config."""
+    n_tok, n_gen, n_samp = len(cfg["tokenizers"]), len(cfg["generators"]), len(cfg["samplers"])
+    return Counter({"prepare_data": 1, "reference_stats": 2, "train_tokenizer": n_tok, "reconstruct": n_tok,
+                    "evaluate_tokenizer": n_tok,
+                    "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train, val
+                    "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp,
+                    "evaluate_samples": n_gen * n_samp, "evaluate_reference": 1, "report": 1})

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dnd.config import ConfigError, code_depth, load
+from tests.stages import expected_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
@@ -105,15 +106,6 @@ def job_counts(stdout: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-def expected_counts(cfg: dict) -> dict[str, int]:
-    n_tok, n_gen, n_samp = len(cfg["tokenizers"]), len(cfg["generators"]), len(cfg["samplers"])
-    return {"prepare_data": 1, "reference_stats": 2, "train_tokenizer": n_tok, "reconstruct": n_tok,
-            "evaluate_tokenizer": n_tok,
-            "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train and val
-            "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp, "evaluate_samples": n_gen * n_samp,
-            "evaluate_reference": 1, "report": 1}
-
-
 def test_dry_run_plans_every_experiment(tmp_path):
     cfgs = {name: load(localised(name, tmp_path)) for name in EXPERIMENTS}
     proc = dry_run(tmp_path, EXPERIMENTS)
@@ -121,7 +113,7 @@ def test_dry_run_plans_every_experiment(tmp_path):
     counts = job_counts(proc.stdout)
     expected = {}
     for cfg in cfgs.values():
-        for rule, n in expected_counts(cfg).items():
+        for rule, n in expected_jobs(cfg).items():
             expected[rule] = expected.get(rule, 0) + n
     assert {k: v for k, v in counts.items() if k not in ("all", "total")} == expected
     # every job declares a log, a benchmark file and its resources

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from dnd.config import load
+from tests.stages import expected_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +44,6 @@ def planned_jobs(stdout: str) -> list[tuple[str, dict]]:
         wildcards = dict(kv.split("=", 1) for kv in m.group(1).split(", ")) if m else {}
         jobs.append((rule, wildcards))
     return jobs
-
-
-def expected_jobs(cfg: dict) -> Counter:
-    n_tok, n_gen, n_samp = len(cfg["tokenizers"]), len(cfg["generators"]), len(cfg["samplers"])
-    return Counter({"prepare_data": 1, "reference_stats": 2, "train_tokenizer": n_tok, "reconstruct": n_tok,
-                    "evaluate_tokenizer": n_tok,
-                    "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train, val
-                    "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp,
-                    "evaluate_samples": n_gen * n_samp,
-                    "evaluate_reference": 1, "report": 1})
 
 
 @pytest.fixture(scope="module")
