@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import hardware_table, print_and_save, sync  # also puts the repo on sys.path
+from common import hardware_table, print_and_save  # also puts the repo on sys.path
 from dnd.data.text import load_corpus, page_texts, render_text_images
 from dnd.metrics.fid import extract_features
 from dnd.metrics.ocr import ocr_scores
-from dnd.runtime import resolve_device
+from dnd.runtime import resolve_device, synchronize
 
 
 def row(metric: str, size: int, n: int, seconds: float, cpu_seconds: float, rouge_l: float | None = None) -> dict:
@@ -38,10 +38,10 @@ def fid_rows(sizes: list[int], n: int, batch_size: int, device) -> list[dict]:
     rows = []
     for size in sizes:
         images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        sync(device)
+        synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         extract_features(images, batch_size=batch_size, device=device)
-        sync(device)
+        synchronize(device)
         rows.append(row("Inception features (FID/KID/PR)", size, n, time.perf_counter() - start,
                         time.process_time() - cpu_start))
     return rows

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params,
-                    floor_seconds, markdown_table, peak_memory_mib, print_rows, reset_peak_memory,
-                    start_generator_run, sync)
+from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, count_params, floor_seconds,
+                    markdown_table, peak_memory_mib, print_rows, start_generator_run)
 from dnd.generators import Sampler
+from dnd.generators.speed import random_generator, time_generation
 
 SWEEP_DEPTHS = (1, 2, 4, 8)
 
@@ -71,34 +70,20 @@ def generation_flops(model, cond, sampler) -> float:
 
 def bench_one(kind: str, depth: int, path: str, args, device: torch.device, peaks) -> dict:
     torch.manual_seed(0)
-    model = build_generator(kind, args.size, depth=depth, grid=args.grid, codebook_size=args.codebook_size,
-                            num_classes=args.classes, device=device).eval()
+    model = random_generator(kind, args.size, depth=depth, grid=args.grid, codebook_size=args.codebook_size,
+                             num_classes=args.classes, device=device)
     if device.type == "cuda":  # bf16 weights, as the sample stage loads them on a GPU (generators.load)
         model = model.to(torch.bfloat16)
-    cond = torch.randint(0, args.classes, (args.batch,), device=device) if args.classes else None
     sampler = Sampler(temperature=1.0, cfg_scale=args.cfg_scale)
-    compile = path == "fast"
-
-    def run(seed: int) -> torch.Tensor:
-        rng = torch.Generator(device.type).manual_seed(seed)
-        return model.generate(cond, batch_size=args.batch, sampler=sampler, generator=rng, compile=compile)
-
-    warmup = args.warmup if args.warmup is not None else int(compile or device.type == "cuda")
-    for w in range(warmup):  # compilation / graph capture / first-call set-up
-        run(w)
-    sync(device)
-    reset_peak_memory(device)
-    t0 = time.perf_counter()
-    for r in range(args.repeats):
-        run(100 + r)
-    sync(device)
-    seconds = (time.perf_counter() - t0) / args.repeats
+    seconds = time_generation(model, batch=args.batch, sampler=sampler, compile=path == "fast",
+                              repeats=args.repeats, warmup=args.warmup)
     guided = args.classes > 0 and args.cfg_scale != 1.0
     row = {"kind": KIND_LABELS[kind], "path": path, "size": args.size,
            "depth": depth, "batch": args.batch, "params (M)": count_params(model) / 1e6,
            "steps": model.num_steps, "images/s": args.batch / seconds,
            "ms/step": 1000 * seconds / model.num_steps, "peak MiB": peak_memory_mib(device)}
     if peaks is not None:
+        cond = torch.zeros(args.batch, dtype=torch.long, device=device) if args.classes else None
         flops = generation_flops(model, cond, sampler)
         weight_bytes = 2 if device.type == "cuda" else 4
         floor = floor_seconds(decode_bytes(model, args.batch * (2 if guided else 1), weight_bytes), flops, peaks)

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import hardware_table, peak_memory_mib, print_and_save, reset_peak_memory, sync
+from common import hardware_table, peak_memory_mib, print_and_save, reset_peak_memory
 from dnd.checkpoint import save_checkpoint
 from dnd.codes import extract_codes
 from dnd.config import load
 from dnd.data.shards import SplitWriter
-from dnd.runtime import resolve_device
+from dnd.runtime import resolve_device, synchronize
 from dnd.tokenizer.train import TokenizerTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +39,11 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def bench_training(trainer: TokenizerTrainer, images: np.ndarray, steps: int, warmup: int) -> float:
     for step in range(warmup):
         trainer.step(images, step)
-    sync(trainer.device)
+    synchronize(trainer.device)
     t0 = time.perf_counter()
     for step in range(warmup, warmup + steps):
         trainer.step(images, step)
-    sync(trainer.device)
+    synchronize(trainer.device)
     return steps * len(images) / (time.perf_counter() - t0)
 
 

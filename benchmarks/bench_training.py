@@ -18,9 +18,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, build_generator, count_params,
-                    floor_seconds, peak_memory_mib, print_rows, reset_peak_memory, start_generator_run, sync)
+from common import (KIND_LABELS, add_generator_arguments, add_peak_arguments, count_params,
+                    floor_seconds, peak_memory_mib, print_rows, reset_peak_memory, start_generator_run)
+from dnd.generators.speed import random_generator
 from dnd.generators.train import TrainStep
+from dnd.runtime import synchronize
 
 OPTIMIZER_BYTES_PER_PARAM = 40
 
@@ -37,8 +39,8 @@ def step_flops(model, codes, cond, device) -> float:
 
 def bench_kind(kind: str, args, device: torch.device, peaks) -> dict:
     torch.manual_seed(0)
-    model = build_generator(kind, args.size, depth=args.depth, grid=args.grid, codebook_size=args.codebook_size,
-                            num_classes=args.classes, device=device)
+    model = random_generator(kind, args.size, depth=args.depth, grid=args.grid, codebook_size=args.codebook_size,
+                             num_classes=args.classes, device=device).train()
     for stack in model.modules():
         if hasattr(stack, "activation_checkpointing"):
             stack.activation_checkpointing = args.activation_checkpointing
@@ -50,12 +52,12 @@ def bench_kind(kind: str, args, device: torch.device, peaks) -> dict:
                      compile=args.compile, device=device)
     for _ in range(args.warmup):  # compile, allocator and autotuning warm-up
         step([(codes, cond)], 3e-4)
-    sync(device)
+    synchronize(device)
     reset_peak_memory(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         losses = step([(codes, cond)], 3e-4)
-    sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - t0) / args.steps
     if not torch.isfinite(losses).all():
         raise RuntimeError(f"{kind}: non-finite loss in the benchmark")

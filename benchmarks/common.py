@@ -62,11 +62,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -154,22 +149,6 @@ def save_rows(rows: list[dict], path: Path, header: list[tuple[str, str]]) -> No
 
 
 KIND_LABELS = {"dnd": "dnd", "ar1d": "ar1d (flat)", "rqt": "rqt"}
-
-
-def build_generator(kind: str, size: str, *, depth: int, grid: int, codebook_size: int, num_classes: int,
-                    device: torch.device):
-    """A randomly initialised generator; "ar1d" is the flattened 1-D AR (one code per step, any depth)."""
-    from dnd import generators
-
-    options = {"flatten": True} if kind == "ar1d" else {}
-    with device:  # initialised where it runs: an XXL model takes tens of seconds to initialise on a CPU
-        model = generators.build(kind, size, depth=depth, codebook_size=codebook_size, grid=grid,
-                                 num_classes=num_classes, **options)
-    with torch.no_grad():  # zero-initialised heads give uniform logits; real weights do not
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.normal_(0, 0.02)
-    return model.to(device)
 
 
 def count_params(module: torch.nn.Module) -> int:

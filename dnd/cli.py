@@ -146,6 +146,15 @@ def cmd_evaluate(args, cfg):
                                   train_ref=args.train_ref, **kw)
 
 
+def cmd_depth_cost(args, cfg):
+    from dnd.data import load_split
+    from dnd.generators.speed import depth_cost, depth_cost_plan
+    from dnd.tracking import job_tracker
+    num_classes = load_split(args.data).manifest["num_classes"]
+    with job_tracker(cfg, "depth_cost", params=depth_cost_plan(cfg)) as t:
+        depth_cost(cfg, args.out, num_classes=num_classes, device=_device(cfg), tracker=t)
+
+
 def cmd_report(args, cfg):
     from dnd.report.render import render_report
     from dnd.tracking import job_tracker
@@ -240,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", type=Path, help="training split folder (reference)")
     p.add_argument("--out", required=True, type=Path, help="metrics .json")
     p.set_defaults(func=cmd_evaluate)
+
+    p = _base(sub, "depth_cost", "sampling images/s of every generator kind at code depths 1, 2, 4, 8 on one "
+                                 "backbone, random weights (evaluate.depth_cost)")
+    p.add_argument("--data", required=True, type=Path, help="training split folder (for the class count)")
+    p.add_argument("--out", required=True, type=Path, help="metrics .json")
+    p.set_defaults(func=cmd_depth_cost)
 
     p = _base(sub, "report", "render the HTML and PDF comparison report of an experiment")
     p.add_argument("--results", required=True, type=Path, help="results/<exp>")

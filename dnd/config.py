@@ -104,6 +104,29 @@ def code_depth(cfg: dict, gen: dict) -> int:
     return gen["code_depth"] or tok_depth
 
 
+def depth_cost_plan(cfg: dict) -> dict:
+    """What `evaluate.depth_cost` measures, resolved against the experiment: backbone, grid, sampler, batch.
+
+    DnD models use the default head placement at every depth; the RQ-Transformer takes the
+    depth_layers of the named generator, else of the experiment's first RQ-Transformer.
+    """
+    spec = cfg["evaluate"]["depth_cost"]
+    gen_name = spec["generator"] or next(iter(cfg["generators"]))
+    sampler_name = spec["sampler"] or next(iter(cfg["samplers"]))
+    gen, sampler = cfg["generators"][gen_name], cfg["samplers"][sampler_name]
+    tok = cfg["tokenizers"][gen["tokenizer"]]
+    rqt = gen if gen["kind"] == "rqt" else next((g for g in cfg["generators"].values() if g["kind"] == "rqt"), None)
+    backbone = {k: v for k, v in gen["overrides"].items() if k in ("n_layer", "n_head", "dim")}
+    return {"generator": gen_name, "sampler": sampler_name, "size": gen["size"], "overrides": backbone,
+            "depth_layers": rqt["depth_layers"] if rqt else 1,
+            "grid": cfg["data"]["image_size"] // downsample_factor(tok),
+            "codebook_size": tok["quantizer"]["codebook_size"],
+            "sampling": {k: sampler[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")},
+            "depths": list(spec["depths"]), "kinds": list(spec["kinds"]),
+            "batch_size": spec["batch_size"] or sampler["batch_size"], "repeats": spec["repeats"],
+            "path": spec["path"]}
+
+
 def check_semantics(cfg: dict, *, source: str = "<config>") -> None:
     """Cross-field rules; raises ConfigError naming the key path."""
     def fail(key: str, why: str):
@@ -152,6 +175,10 @@ def check_semantics(cfg: dict, *, source: str = "<config>") -> None:
                 fail(f"{key}.head_layers", f"must be non-decreasing and end at the last layer ({n_layer - 1})")
         if gen["kind"] == "ar1d" and not gen["flatten"] and depth != 1:
             fail(f"{key}.flatten", f"a 1-D AR over {depth}-deep codes must set flatten: true (or code_depth: 1)")
+    depth_cost = cfg["evaluate"]["depth_cost"]
+    for key, section in (("generator", "generators"), ("sampler", "samplers")):
+        if depth_cost[key] is not None and depth_cost[key] not in cfg[section]:
+            fail(f"evaluate.depth_cost.{key}", f"unknown {key} {depth_cost[key]!r}; defined: {sorted(cfg[section])}")
     for name, s in cfg["samplers"].items():
         for k in ("temperature", "top_k", "top_p"):
             if isinstance(s[k], list):

@@ -16,6 +16,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def stage_seed(base: int, *names: str) -> int:
     """A seed per (experiment seed, stage, variant): stable across runs and processes."""
     h = hashlib.sha256(":".join([str(base), *names]).encode()).digest()

@@ -91,4 +91,4 @@ def expected_jobs(cfg: dict) -> Counter:
                     "evaluate_tokenizer": n_tok,
                     "extract_codes": 2 * len({g["tokenizer"] for g in cfg["generators"].values()}),  # train, val
                     "train_generator": n_gen, "heldout_loss": n_gen, "sample": n_gen * n_samp,
-                    "evaluate_samples": n_gen * n_samp, "evaluate_reference": 1, "report": 1})
+                    "evaluate_samples": n_gen * n_samp, "evaluate_reference": 1, "depth_cost": 1, "report": 1})

@@ -52,6 +52,8 @@ def _mutated(path: str, value):
     ("generators.g.tokenizer", "d9", "generators.g.tokenizer: unknown tokenizer 'd9'"),
     ("generators.g.kind", "diffusion", "generators.g.kind: 'diffusion' is not one of"),
     ("tokenizers.d2.loss.lpips_weight", 1.0, "tokenizers.d2.loss.lpips_path: lpips_weight > 0 needs a local"),
+    ("evaluate.depth_cost.generator", "big", "evaluate.depth_cost.generator: unknown generator 'big'; defined: ['g']"),
+    ("evaluate.depth_cost.depths", [1, 0], "evaluate.depth_cost.depths.1: 0 is less than the minimum of 1"),
 ])
 def test_bad_config_names_key(path, value, expect):
     with pytest.raises(ConfigError) as e:
@@ -114,7 +116,7 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
 
 @pytest.mark.parametrize("stage", ["prepare_data", "reference_stats", "train_tokenizer", "reconstruct",
                                    "extract_codes", "train_generator", "heldout_loss", "sample", "evaluate",
-                                   "report"])
+                                   "depth_cost", "report"])
 def test_every_stage_has_help(stage):
     r = subprocess.run([sys.executable, "-m", "dnd", stage, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--config" in r.stdout

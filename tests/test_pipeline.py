@@ -63,7 +63,7 @@ def test_every_stage_wrote_its_outputs(run):
     r = workdir / "results" / EXP
     expected = [f"data/{s}/{f}" for s in ("train", "val") for f in ("images.npy", "labels.npy", "manifest.json",
                                                                      "text.jsonl", "fid_features.npz")]
-    expected += ["metrics/reference.json"]
+    expected += ["metrics/reference.json", "metrics/depth_cost.json"]
     for tok in cfg["tokenizers"]:
         expected += [f"tokenizer/{tok}/model.pt", f"tokenizer/{tok}/train_log.csv",
                      f"tokenizer/{tok}/recon/recon_metrics.json", f"metrics/tokenizer/{tok}.json"]

@@ -60,6 +60,17 @@ def make_results(cfg: dict, root: Path, *, seed: int = 0) -> dict:
         _write(root / f"tokenizer/{name}/train_log.csv", "step,loss\n0,1.0\n20,0.5\n")
         for rule in ("train_tokenizer", "reconstruct", "extract_codes", "evaluate_tokenizer"):
             _bench(root / f"benchmarks/{rule}/{name}.tsv", 30.0 * depth, 1200.0)
+    # D codes per position: DnD one step, the flattened 1-D AR D steps, the RQ-Transformer D depth steps.
+    sweep = [{"kind": kind, "depth": d, "steps": 64 * (d if kind == "ar1d" else 1), "params": 1_200_000 + d,
+              "images_per_s": 200.0 / (d if kind == "ar1d" else 1 + (d - 1) * (kind == "rqt") / 4),
+              "ms_per_step": 4.0} for kind in ("dnd", "ar1d", "rqt") for d in (1, 2, 4, 8)]
+    _write(root / "metrics/depth_cost.json", json.dumps(
+        {"plan": {"generator": "dnd", "sampler": "t1.0", "size": "small", "overrides": {}, "depth_layers": 1,
+                  "grid": 8, "codebook_size": 512, "sampling": {"cfg_scale": 1.0}, "depths": [1, 2, 4, 8],
+                  "kinds": ["dnd", "ar1d", "rqt"], "batch_size": 64, "repeats": 1, "path": "plain",
+                  "num_classes": 0, "guided": False},
+         "device": "cpu", "gpu": None, "torch_threads": 1, "rows": sweep}))
+    _bench(root / "benchmarks/depth_cost/all.tsv", 12.0, 700.0)
     fids = {}
     for i, (name, gen) in enumerate(cfg["generators"].items()):
         depth = gen["code_depth"] or cfg["tokenizers"][gen["tokenizer"]]["quantizer"]["depth"]
@@ -146,6 +157,13 @@ def test_tables_hold_every_variant_beside_published_rows(rendered, smoke_cfg):
     assert held[0][:7] == ["variant", "kind", "tokenizer", "depth", "train CE", "val CE", "val - train"]
     assert [r[0] for r in held[1:]] == list(smoke_cfg["generators"])
     assert [float(r[5]) for r in held[1:]] == [3.5 + i for i in range(len(smoke_cfg["generators"]))]
+    cost = _table(text, "depth_cost")
+    assert cost[0] == ["kind", "depth", "decode steps", "params", "images/s", "ms/step", "slowdown vs shallowest"]
+    slowdown = {(r[0], int(r[1])): float(r[6]) for r in cost[1:]}
+    assert len(slowdown) == 12
+    assert slowdown[("ar1d (flattened)", 8)] == pytest.approx(8) and slowdown[("dnd", 8)] == pytest.approx(1)
+    assert slowdown[("rqt", 8)] == pytest.approx(1 + 7 / 4)
+    assert "small backbone as generator dnd, 8x8 codes, codebook 512, batch 64, no guidance, plain" in text
 
 
 def test_figures_written_as_png(rendered):
@@ -171,11 +189,12 @@ def drawn_images(page) -> list[tuple[int, int]]:
 def test_pdf_has_pages_and_embedded_images(rendered):
     out, _ = rendered
     reader = pypdf.PdfReader(out / "report.pdf")
-    # summary page + 6 tables + 5 figures + 3 sample grids
-    assert len(reader.pages) == 1 + 6 + len(FIGURES) + 3
+    # summary page + 7 tables + 5 figures + 3 sample grids
+    assert len(reader.pages) == 1 + 7 + len(FIGURES) + 3
     assert "Which generator is better" in reader.pages[1].extract_text()
-    assert "Held-out cross-entropy" in reader.pages[5].extract_text()
-    for page, name in zip(reader.pages[7:7 + len(FIGURES)], FIGURES):  # vector figures with their captions
+    assert "The cost of code depth" in reader.pages[5].extract_text()
+    assert "Held-out cross-entropy" in reader.pages[6].extract_text()
+    for page, name in zip(reader.pages[8:8 + len(FIGURES)], FIGURES):  # vector figures with their captions
         assert FIGURE_CAPTIONS[name][:30] in page.extract_text().replace("\n", " "), name
         assert not drawn_images(page)
     grid_pages = reader.pages[-3:]
@@ -186,12 +205,14 @@ def test_partial_results_render_and_list_what_is_missing(smoke_cfg, tmp_path):
     results = tmp_path / "results/smoke"
     make_results(smoke_cfg, results)
     (results / "metrics/rqt/t1.0.json").unlink()
+    (results / "metrics/depth_cost.json").unlink()
     shutil.rmtree(results / "samples/ar1d")
     render_report(smoke_cfg, results, tmp_path / "out", benchmarks_dir=None)
     text = (tmp_path / "out/report.html").read_text()
     assert "Missing inputs" in text
     assert "metrics/rqt/t1.0.json (missing)" in text
     assert "samples/ar1d/t1.0/grid.png (missing)" in text
+    assert "metrics/depth_cost.json (missing)" in text and "Not measured yet" in text
     assert text.count('<img src="data:image/png;base64,') == len(FIGURES) + 2
 
 

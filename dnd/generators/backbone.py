@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dnd.generators.sampling import StaticPos, decode, position_index
+from dnd.generators.sampling import StaticPos, decode
 
 # LlamaGen's GPT sizes (B..XXL) and the DnD reference's XXXL (48 x 2048, 32 heads; LG's
 # own XXXL is 48 x 2560). tiny/small are for tests and smoke runs.

@@ -24,15 +24,10 @@ from dnd.checkpoint import atomic_path, save_json, save_npy
 from dnd.data.shards import file_sha256
 from dnd.images import make_grid, save_png, to_uint8
 from dnd.progress import Progress
-from dnd.runtime import stage_seed
+from dnd.runtime import stage_seed, synchronize
 from dnd.tracking import NullTracker
 
 GRID_IMAGES = 36
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sampler_from_config(sampler_cfg: dict) -> "generators.Sampler":
@@ -94,12 +89,12 @@ def sample(gen_path: Path, tokenizer_path: Path, sampler_cfg: dict, out_dir: Pat
         if not path.is_file():
             rng = torch.Generator(device=device).manual_seed(stage_seed(sampler_cfg["seed"], "batch", str(i)))
             cond = torch.from_numpy(labels[start:start + b]).to(device) if num_classes > 0 else None
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 codes = model.generate(cond, batch_size=b, sampler=sampler, generator=rng,
                                        compile=sampler_cfg.get("compile", False))  # (b, L, D)
-            _sync(device)
+            synchronize(device)
             t1 = time.perf_counter()
             with torch.inference_mode():  # the tokenizer decodes in fp32
                 x = tokenizer.decode_codes(codes.reshape(b, grid, grid, depth))  # (b, 3, H, W) in [-1, 1]

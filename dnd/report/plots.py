@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -90,22 +91,36 @@ def generators_figure(generators: pd.DataFrame, reference: dict) -> Figure:
     return fig
 
 
-def speed_figure(speed: pd.DataFrame) -> Figure:
-    """Sampling throughput per generator against its code depth."""
+def speed_figure(speed: pd.DataFrame, depth_cost: pd.DataFrame) -> Figure:
+    """Sampling throughput against code depth: the random-weight sweep of every kind on one
+    backbone (lines) and the experiment's trained generators (markers)."""
     fig = Figure(figsize=(6, 3.6), layout="constrained")
     ax = fig.subplots()
-    if not _has(speed, "images_per_s"):
+    sweep, trained = _has(depth_cost, "images_per_s"), _has(speed, "images_per_s")
+    if not sweep and not trained:
         _empty(ax, "no sampling timings yet")
         return fig
-    for i, row in enumerate(speed.itertuples()):
-        if not np.isfinite(row.images_per_s):
-            continue
-        ax.scatter(row.depth, row.images_per_s, marker=KIND_MARKERS.get(row.kind.split()[0], "D"), color=f"C{i % 10}", s=40,
-                   label=f"{row.name} ({row.sampler})")
-    ax.set_xticks(sorted(speed["depth"].dropna().astype(int).unique()))
-    ax.set(xlabel="code depth D", ylabel="images / s", title="Sampling throughput")
-    ax.set_ylim(0, 1.15 * np.nanmax(pd.to_numeric(speed["images_per_s"], errors="coerce")))
-    ax.legend(fontsize=7)
+    for i, (kind, rows) in enumerate(depth_cost.sort_values("depth").groupby("kind", sort=False) if sweep else []):
+        ax.plot(rows["depth"], rows["images_per_s"], marker=KIND_MARKERS.get(kind.split()[0], "D"), color=f"C{i}",
+                mfc="none", lw=1.2, label=f"{kind}, random weights")
+    labelled = set()
+    for row in speed.itertuples() if trained else []:
+        kind = row.kind.split()[0]
+        if np.isfinite(row.images_per_s):
+            ax.scatter(row.depth, row.images_per_s, marker=KIND_MARKERS.get(kind, "D"), color="k", s=30, zorder=3,
+                       alpha=0.7, label=None if kind in labelled else f"{kind}, trained (sample stage)")
+            labelled.add(kind)
+    depths = sorted({int(d) for df in (depth_cost, speed) if "depth" in df for d in df["depth"].dropna()})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    ax.set(xlabel="code depth D", ylabel="images / s", title="Sampling throughput against code depth")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=6)
     return fig
 
 

@@ -63,12 +63,13 @@ COLUMN_NAMES = {
     "train_peak_mb": "train peak RSS (MB)", "fid_vs_best": "FID / best", "max_rss_mb": "peak RSS (MB)",
     "seconds": "wall time (s)", "cpu_seconds": "CPU time (s)", "mean_load": "mean CPU load (%)",
     "train_ce": "train CE", "val_ce": "val CE", "ce_gap": "val - train", "val_ce_per_depth": "val CE per depth",
-    "heldout_items": "images",
+    "heldout_items": "images", "slowdown": "slowdown vs shallowest", "steps": "decode steps",
 }
 FIGURE_CAPTIONS = {
     "depth": "Reconstruction quality against code depth (validation split).",
     "generators": "FID (against training-set statistics) and PPL-OCR per generator; dashed: real-data bounds.",
-    "speed": "Sampling throughput (KV cache) against code depth.",
+    "speed": "Sampling throughput against code depth: every kind on one backbone with random weights (lines, "
+             "the depth_cost stage) and the trained generators (black markers).",
     "losses": "Training cross-entropy per prediction head (one curve per code depth).",
     "stage_cost": "Wall time and peak memory of every job (Snakemake benchmark files).",
 }
@@ -158,6 +159,22 @@ def speed_comparison(cfg: dict, res: Results) -> pd.DataFrame:
                          "ms_per_step", "device", "scale"])
 
 
+def depth_cost_note(plan: dict) -> str:
+    """How the cost-of-depth rows were measured (empty plan: not measured yet)."""
+    if not plan:
+        return "Not measured yet (metrics/depth_cost.json is missing)."
+    get = lambda key: plan.get(key, "?")  # noqa: E731 (a file from an older version may lack a key)
+    backbone = ", ".join(f"{k} {v}" for k, v in plan.get("overrides", {}).items())
+    guidance = f"guidance {plan['sampling']['cfg_scale']}" if plan.get("guided") else "no guidance"
+    return (f"Random weights, {get('size')} backbone{f' ({backbone})' if backbone else ''} as generator "
+            f"{get('generator')}, {get('grid')}x{get('grid')} codes, codebook {get('codebook_size')}, batch "
+            f"{get('batch_size')}, {guidance}, {get('path')} decode path on {get('device')} "
+            f"({get('torch_threads')} torch threads), mean of {get('repeats')} timed call(s). DnD predicts all D "
+            f"codes of a position in one forward pass; the flattened 1-D AR takes D steps per position; the "
+            f"RQ-Transformer ({get('depth_layers')} depth layer(s) taken from the backbone) runs D "
+            f"depth-transformer steps per position. A decode step is one forward pass over the batch.")
+
+
 def headline(res: Results) -> list[str]:
     """A few sentences: which generator is better, by how much, at what cost."""
     lines = []
@@ -234,7 +251,7 @@ def build_figures(res: Results) -> dict[str, Figure]:
     return {
         "depth": plots.depth_figure(res.tokenizers, published_table("tokenizers")),
         "generators": plots.generators_figure(res.generators, res.reference),
-        "speed": plots.speed_figure(res.speed),
+        "speed": plots.speed_figure(res.speed, res.depth_cost),
         "losses": plots.losses_figure(res.losses),
         "stage_cost": plots.stage_cost_figure(res.stage_cost),
     }
@@ -281,6 +298,9 @@ def _html(cfg: dict, res: Results, tables: dict[str, pd.DataFrame], pngs: dict[s
         "<h2>Sampling speed</h2>",
         _table_html(tables["speed"], "speed"),
         f"<p class='note'>{html.escape(published_caption('sampling_speed'))}</p>",
+        "<h3>The cost of code depth</h3>",
+        f"<p class='note'>{html.escape(depth_cost_note(res.depth_cost_plan))}</p>",
+        _table_html(tables["depth_cost"], "depth_cost"),
         figure("speed"),
         "<h2>Training losses</h2>",
         figure("losses"),
@@ -320,7 +340,8 @@ def _text_page(title: str, lines: dict[str, str]) -> Figure:
 def _write_pdf(path: Path, cfg: dict, res: Results, tables: dict[str, pd.DataFrame],
                figures: dict[str, Figure]) -> None:
     title = cfg["report"]["title"] or f"dnd experiment {cfg.get('name', '')}"
-    summary = {"Summary": " ".join(headline(res)) or "no results yet", **provenance(cfg, res)}
+    summary = {"Summary": " ".join(headline(res)) or "no results yet", **provenance(cfg, res),
+               "Cost of code depth": depth_cost_note(res.depth_cost_plan)}
     with atomic_path(path) as tmp:
         with PdfPages(tmp, metadata={"Title": title, "CreationDate": None}) as pdf:
             pdf.savefig(_text_page(title, summary))
@@ -328,6 +349,7 @@ def _write_pdf(path: Path, cfg: dict, res: Results, tables: dict[str, pd.DataFra
                                   ("tokenizers", "Tokenizers (published rows: the papers' scale)"),
                                   ("generators", "Generators (published rows: the papers' scale)"),
                                   ("speed", "Sampling speed"),
+                                  ("depth_cost", "The cost of code depth (random weights, one backbone)"),
                                   ("heldout", "Held-out cross-entropy (nats per code, eval mode)"),
                                   ("stage_cost", "Cost per stage")]:
                 pdf.savefig(plots.table_figure(tables[name], caption))
@@ -354,6 +376,8 @@ def render_report(cfg: dict, results_dir: Path, out_dir: Path, *, benchmarks_dir
         "speed": speed_comparison(cfg, res),
         "heldout": _display(res.heldout, ["name", "kind", "tokenizer", "depth", "train_ce", "val_ce", "ce_gap",
                                           "val_ce_per_depth", "heldout_items"]),
+        "depth_cost": _display(res.depth_cost, ["kind", "depth", "steps", "params", "images_per_s", "ms_per_step",
+                                                "slowdown"]),
         "stage_cost": _display(res.stage_cost, ["rule", "variant", "seconds", "max_rss_mb", "cpu_seconds",
                                                 "mean_load"]),
     }

@@ -25,7 +25,8 @@ PUBLISHED_PATH = Path(__file__).resolve().parent / "published.yaml"
 PUBLISHED = "published"
 # Snakemake rules in the order data flows through them (the stage-cost table follows it).
 STAGE_ORDER = ["prepare_data", "reference_stats", "train_tokenizer", "reconstruct", "evaluate_tokenizer",
-               "extract_codes", "train_generator", "sample", "evaluate_samples", "evaluate_reference", "report"]
+               "extract_codes", "train_generator", "heldout_loss", "sample", "evaluate_samples", "evaluate_reference",
+               "depth_cost", "report"]
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Results:
     reference: dict
     losses: dict[str, pd.DataFrame]
     heldout: pd.DataFrame
+    depth_cost: pd.DataFrame
+    depth_cost_plan: dict
     grids: dict[tuple[str, str], Path]
     stage_cost: pd.DataFrame
     extractors: list[str]
@@ -260,6 +263,24 @@ def heldout_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+DEPTH_COST_KINDS = {"dnd": "dnd", "ar1d": "ar1d (flattened)", "rqt": "rqt"}
+
+
+def depth_cost_table(reader: _Reader) -> tuple[pd.DataFrame, dict]:
+    """metrics/depth_cost.json: one row per (kind, depth) with images/s, ms per step and the
+    slowdown against the same kind at its shallowest depth; and the measurement's plan."""
+    cols = ["kind", "depth", "steps", "params", "images_per_s", "ms_per_step", "slowdown"]
+    m = reader.json("metrics/depth_cost.json") or {}
+    df = pd.DataFrame(m.get("rows", []), columns=cols[:-1])
+    df["kind"] = [DEPTH_COST_KINDS.get(k, k) for k in df["kind"]]
+    df["params"] = [_params(n) for n in df["params"]]
+    df["images_per_s"] = pd.to_numeric(df["images_per_s"], errors="coerce")
+    first = df.sort_values("depth").groupby("kind")["images_per_s"].transform("first") if len(df) else df["images_per_s"]
+    df["slowdown"] = first / df["images_per_s"]
+    plan = {**m.get("plan", {}), "device": m.get("gpu") or m.get("device"), "torch_threads": m.get("torch_threads")}
+    return df[cols], plan if m else {}
+
+
 def sample_grids(cfg: dict, reader: _Reader) -> dict[tuple[str, str], Path]:
     out = {}
     for name in cfg["generators"]:
@@ -338,12 +359,14 @@ def collect(cfg: dict, results_dir: Path, *, benchmarks_dir: Path | None = None)
     tokenizers = tokenizer_table(cfg, reader)
     stage_cost = stage_cost_table(benchmarks_dir)
     reference = reference_metrics(reader)
+    depth_cost, depth_cost_plan = depth_cost_table(reader)
     extractors = sorted({e for e in [*generators["extractor"], *tokenizers["extractor"], reference["extractor"]]
                          if isinstance(e, str) and e})
     return Results(
         data=data_table(reader), tokenizers=tokenizers, generators=generators,
         comparison=comparison_table(generators, stage_cost), speed=speed_table(generators),
         reference=reference, losses=loss_curves(cfg, reader), heldout=heldout_table(cfg, reader),
+        depth_cost=depth_cost, depth_cost_plan=depth_cost_plan,
         grids=sample_grids(cfg, reader),
         stage_cost=stage_cost, extractors=extractors, missing=reader.missing,
     )

@@ -16,7 +16,7 @@ REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
-from dnd.config import ConfigError, config_hash, generator_trajectory, load  # noqa: E402
+from dnd.config import ConfigError, config_hash, depth_cost_plan, generator_trajectory, load  # noqa: E402
 
 # Jobs run `python -m dnd` with the interpreter running Snakemake, so an un-activated
 # virtualenv works.
@@ -164,6 +164,7 @@ def report_inputs(wildcards) -> dict[str, list[str]]:
         "heldout": [f"{r}/metrics/heldout/{g}.json" for g in gens],
         "grids": [f"{r}/samples/{g}/{s}/grid.png" for g in gens for s in samplers],
         "timings": [f"{r}/samples/{g}/{s}/timing.json" for g in gens for s in samplers],
+        "depth_cost": [f"{r}/metrics/depth_cost.json"],
     }
 
 

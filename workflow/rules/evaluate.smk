@@ -4,7 +4,9 @@
 
 
 def evaluate_hash(c, w):
-    return {"evaluate": c["evaluate"], "source": c["data"]["source"]}
+    # depth_cost configures its own rule only.
+    metrics = {k: v for k, v in c["evaluate"].items() if k != "depth_cost"}
+    return {"evaluate": metrics, "source": c["data"]["source"]}
 
 
 rule evaluate_samples:
@@ -82,4 +84,26 @@ rule evaluate_reference:
     shell:
         "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd evaluate reference --config {params.config} --data {params.data}"
         " --train-data {params.train_data} --ref {input.val_ref} --train-ref {input.train_ref}"
+        " --out {output} > {log} 2>&1"
+
+
+rule depth_cost:
+    # Random-weight models of every kind at every depth: needs only the config and the class count.
+    input:
+        data=data_files("train"),
+    output:
+        f"{RESULTS}/metrics/depth_cost.json",
+    params:
+        config=exp_file,
+        data=f"{RESULTS}/data/train",
+        cfg_hash=hash_of(lambda c, w: {"plan": depth_cost_plan(c), "device": c["device"]}),
+    log:
+        log_path("depth_cost"),
+    benchmark:
+        benchmark_path("depth_cost")
+    threads: res_threads
+    resources:
+        **MODEL_JOB,
+    shell:
+        "DND_RULE={rule} OMP_NUM_THREADS={threads} {PYTHON} -m dnd depth_cost --config {params.config} --data {params.data}"
         " --out {output} > {log} 2>&1"
