@@ -147,8 +147,9 @@ def cmd_evaluate(args, cfg):
 
 
 def cmd_depth_cost(args, cfg):
+    from dnd.config import depth_cost_plan
     from dnd.data import load_split
-    from dnd.generators.speed import depth_cost, depth_cost_plan
+    from dnd.generators.speed import depth_cost
     from dnd.tracking import job_tracker
     num_classes = load_split(args.data).manifest["num_classes"]
     with job_tracker(cfg, "depth_cost", params=depth_cost_plan(cfg)) as t:

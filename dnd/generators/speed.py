@@ -21,6 +21,7 @@ from dnd.progress import Progress
 from dnd.runtime import synchronize
 from dnd.tracking import NullTracker
 
+
 def random_generator(kind: str, size: str, *, depth: int, grid: int, codebook_size: int, num_classes: int,
                      device: torch.device, **overrides) -> generators.CodeGenerator:
     """A randomly initialised generator in eval mode; "ar1d" is the flattened 1-D AR (one code per step)."""

@@ -172,7 +172,9 @@ def depth_cost_note(plan: dict) -> str:
             f"({get('torch_threads')} torch threads), mean of {get('repeats')} timed call(s). DnD predicts all D "
             f"codes of a position in one forward pass; the flattened 1-D AR takes D steps per position; the "
             f"RQ-Transformer ({get('depth_layers')} depth layer(s) taken from the backbone) runs D "
-            f"depth-transformer steps per position. A decode step is one forward pass over the batch.")
+            f"depth-transformer steps per position. A decode step is one forward pass over the batch. All rows "
+            f"come from one job, a few seconds apart, so their ratios hold when other jobs share the machine; "
+            f"absolute images/s depend on that load.")
 
 
 def headline(res: Results) -> list[str]:
