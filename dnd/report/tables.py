@@ -263,16 +263,13 @@ def heldout_table(cfg: dict, reader: _Reader) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-DEPTH_COST_KINDS = {"dnd": "dnd", "ar1d": "ar1d (flattened)", "rqt": "rqt"}
-
-
 def depth_cost_table(reader: _Reader) -> tuple[pd.DataFrame, dict]:
     """metrics/depth_cost.json: one row per (kind, depth) with images/s, ms per step and the
     slowdown against the same kind at its shallowest depth; and the measurement's plan."""
     cols = ["kind", "depth", "steps", "params", "images_per_s", "ms_per_step", "slowdown"]
     m = reader.json("metrics/depth_cost.json") or {}
     df = pd.DataFrame(m.get("rows", []), columns=cols[:-1])
-    df["kind"] = [DEPTH_COST_KINDS.get(k, k) for k in df["kind"]]
+    df["kind"] = [kind_label({"kind": k, "flatten": True}) for k in df["kind"]]  # the sweep's 1-D AR is flattened
     df["params"] = [_params(n) for n in df["params"]]
     df["images_per_s"] = pd.to_numeric(df["images_per_s"], errors="coerce")
     first = df.sort_values("depth").groupby("kind")["images_per_s"].transform("first") if len(df) else df["images_per_s"]
